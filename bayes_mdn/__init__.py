@@ -1,0 +1,24 @@
+"""Bayesian mixture density networks in Pyro."""
+
+from .datasets import inverse_sine_log_density, make_inverse_sine
+from .estimator import BayesianMDN
+from .fit import FitConfig, FitHistory, fit_svi
+from .guides import make_guide
+from .model import MixtureDensityModel
+from .nets import MixtureDensityNetwork, MixtureParams
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BayesianMDN",
+    "FitConfig",
+    "FitHistory",
+    "MixtureDensityModel",
+    "MixtureDensityNetwork",
+    "MixtureParams",
+    "__version__",
+    "fit_svi",
+    "inverse_sine_log_density",
+    "make_guide",
+    "make_inverse_sine",
+]

@@ -1,0 +1,417 @@
+"""``BayesianMDN``: the scikit-learn style front door to the library."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import predict as _predict
+from ._utils import resolve_device, seeded
+from ._validation import as_2d_float
+from .fit import FitConfig, FitHistory, fit_svi
+from .guides import GUIDES, make_guide
+from .model import BAYESIAN_LAYERS, MixtureDensityModel
+from .nets import ACTIVATIONS, COVARIANCES, MixtureDensityNetwork, MixtureParams
+
+__all__ = ["BayesianMDN"]
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class BayesianMDN:
+    """A Bayesian mixture density network for p(y | x), fitted by SVI in Pyro.
+
+    Parameters
+    ----------
+    n_components : int
+        Number of Gaussian components K.
+    hidden : sequence of int
+        Hidden layer widths.
+    activation : {"tanh", "relu", "elu", "gelu", "silu"}
+    bayesian : {"none", "last", "all"}
+        Layers whose weights get a Normal(0, prior_scale) prior and a posterior:
+        none (maximum likelihood), the output layer, or every layer.
+    guide : {"delta", "normal", "lowrank"}
+        Variational family: MAP point estimates, mean-field Gaussian, or low-rank
+        plus diagonal Gaussian.
+    covariance : {"diagonal", "full"}
+        Component covariance for vector targets (identical for one-dimensional y).
+    prior_scale : float
+        Prior standard deviation of the latent weights.
+    min_scale : float
+        Floor on component standard deviations, in standardized units of y.
+    init_scale : float
+        Initial posterior standard deviation of the Gaussian guides.
+    rank : int or None
+        Rank of the ``"lowrank"`` guide; None picks sqrt(number of latent weights).
+    epochs, batch_size, lr, lr_schedule, clip_norm, num_particles, val_fraction,
+    patience, val_draws, jit :
+        The SVI loop, see :class:`bayes_mdn.fit.FitConfig`.
+    num_draws : int
+        Posterior draws behind every prediction (one for deterministic guides).
+    dtype : {"float32", "float64"}
+    device : {"auto", "cpu", "cuda", "cuda:N"}
+    seed : int or None
+        Seeds the initialization, the fit and, unless a call passes its own, the
+        posterior draws of every prediction. None gives fresh randomness each time.
+    progress : bool
+        Show a progress bar while fitting.
+
+    Attributes
+    ----------
+    model_ : MixtureDensityModel
+    guide_ : torch.nn.Module
+    history_ : FitHistory
+    n_features_in_ : int
+    n_outputs_ : int
+
+    Examples
+    --------
+    >>> from bayes_mdn.datasets import make_inverse_sine
+    >>> X, y = make_inverse_sine(300, seed=0)
+    >>> mdn = BayesianMDN(n_components=3, hidden=(16,), epochs=5, progress=False)
+    >>> mdn.fit(X, y).predict(X[:2]).shape
+    (2,)
+    """
+
+    def __init__(
+        self,
+        n_components: int = 20,
+        hidden: Sequence[int] = (64, 64),
+        activation: str = "tanh",
+        bayesian: Literal["none", "last", "all"] = "last",
+        guide: Literal["delta", "normal", "lowrank"] = "normal",
+        covariance: Literal["diagonal", "full"] = "diagonal",
+        prior_scale: float = 1.0,
+        min_scale: float = 1e-3,
+        init_scale: float = 0.01,
+        rank: int | None = None,
+        epochs: int = 300,
+        batch_size: int | None = 500,
+        lr: float = 1e-2,
+        lr_schedule: Literal["onecycle", "cosine", "constant"] = "onecycle",
+        clip_norm: float | None = 10.0,
+        num_particles: int = 1,
+        val_fraction: float = 0.1,
+        patience: int | None = 60,
+        val_draws: int = 16,
+        jit: bool = False,
+        num_draws: int = 100,
+        dtype: Literal["float32", "float64"] = "float32",
+        device: str = "auto",
+        seed: int | None = 0,
+        progress: bool = True,
+    ) -> None:
+        self.n_components = n_components
+        self.hidden = hidden
+        self.activation = activation
+        self.bayesian = bayesian
+        self.guide = guide
+        self.covariance = covariance
+        self.prior_scale = prior_scale
+        self.min_scale = min_scale
+        self.init_scale = init_scale
+        self.rank = rank
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.lr_schedule = lr_schedule
+        self.clip_norm = clip_norm
+        self.num_particles = num_particles
+        self.val_fraction = val_fraction
+        self.patience = patience
+        self.val_draws = val_draws
+        self.jit = jit
+        self.num_draws = num_draws
+        self.dtype = dtype
+        self.device = device
+        self.seed = seed
+        self.progress = progress
+
+    # -- scikit-learn protocol -------------------------------------------------------
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The constructor arguments, as scikit-learn's ``clone`` expects."""
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def set_params(self, **params: Any) -> BayesianMDN:
+        """Set constructor arguments; unknown names raise ``ValueError``."""
+        valid = self._param_names()
+        for name, value in params.items():
+            if name not in valid:
+                raise ValueError(f"invalid parameter {name!r} for BayesianMDN; valid: {valid}")
+            setattr(self, name, value)
+        return self
+
+    def __repr__(self) -> str:
+        defaults = {
+            name: p.default
+            for name, p in inspect.signature(type(self).__init__).parameters.items()
+        }
+        changed = [
+            f"{k}={v!r}" for k, v in self.get_params().items() if not _same(v, defaults.get(k))
+        ]
+        return f"BayesianMDN({', '.join(changed)})"
+
+    # -- configuration checks --------------------------------------------------------
+    def _check_options(self) -> FitConfig:
+        for name, value, options in (
+            ("activation", self.activation, tuple(ACTIVATIONS)),
+            ("bayesian", self.bayesian, BAYESIAN_LAYERS),
+            ("guide", self.guide, GUIDES),
+            ("covariance", self.covariance, COVARIANCES),
+            ("dtype", self.dtype, tuple(DTYPES)),
+        ):
+            if value not in options:
+                raise ValueError(f"{name} must be one of {options}, got {value!r}")
+        if (
+            not isinstance(self.n_components, int)
+            or isinstance(self.n_components, bool)
+            or (self.n_components < 1)
+        ):
+            raise ValueError(f"n_components must be an integer >= 1, got {self.n_components!r}")
+        if isinstance(self.hidden, (str, bytes)) or not all(
+            isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in self.hidden
+        ):
+            raise ValueError(f"hidden must be a sequence of integers >= 1, got {self.hidden!r}")
+        for name in ("prior_scale", "min_scale", "init_scale"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and np.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if self.bayesian == "none" and self.guide != "delta":
+            raise ValueError(
+                f"guide={self.guide!r} needs latent weights, but bayesian='none' makes every "
+                "weight a point estimate: use guide='delta' or bayesian='last'/'all'"
+            )
+        if not isinstance(self.num_draws, int) or self.num_draws < 1:
+            raise ValueError(f"num_draws must be an integer >= 1, got {self.num_draws!r}")
+        return FitConfig(
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            lr_schedule=self.lr_schedule,
+            clip_norm=self.clip_norm,
+            num_particles=self.num_particles,
+            val_fraction=self.val_fraction,
+            patience=self.patience,
+            val_draws=self.val_draws,
+            jit=self.jit,
+            seed=self.seed,
+            device=self.device,
+            progress=self.progress,
+        )
+
+    # -- fitting ---------------------------------------------------------------------
+    def fit(self, X: Any, y: Any) -> BayesianMDN:
+        """Fit the model to inputs X of shape (n, d_x) and targets y of shape (n,) or (n, d_y).
+
+        Returns
+        -------
+        self
+        """
+        config = self._check_options()
+        x_arr, _ = as_2d_float(X, "X", allow_1d=False)
+        y_arr, y_1d = as_2d_float(y, "y", allow_1d=True)
+        if len(x_arr) != len(y_arr):
+            raise ValueError(
+                f"X and y must have the same number of rows, got {len(x_arr)} and {len(y_arr)}"
+            )
+        y_std = y_arr.std(0)
+        if (y_std == 0).any():
+            col = int(np.argmax(y_std == 0))
+            raise ValueError(
+                f"y column {col} is constant ({y_arr[0, col]}): a density over a constant "
+                "target is degenerate; drop that column or add measurement noise"
+            )
+        n_val = int(round(len(x_arr) * config.val_fraction))
+        if len(x_arr) - n_val < 2:
+            raise ValueError(
+                f"need at least 2 training rows after holding out val_fraction="
+                f"{config.val_fraction}, got {len(x_arr)} rows"
+            )
+        device = resolve_device(config.device)
+        dtype = DTYPES[self.dtype]
+        x = torch.as_tensor(x_arr, dtype=dtype, device=device)
+        yt = torch.as_tensor(y_arr, dtype=dtype, device=device)
+        x_scale = x.std(0)
+        x_scale = torch.where(x_scale > 0, x_scale, torch.ones_like(x_scale))
+
+        with seeded(self.seed, device):
+            net = MixtureDensityNetwork(
+                d_x=x.shape[1],
+                d_y=yt.shape[1],
+                n_components=self.n_components,
+                hidden=tuple(self.hidden),
+                activation=self.activation,
+                covariance=self.covariance,
+                min_scale=self.min_scale,
+            ).to(device=device, dtype=dtype)
+        model = MixtureDensityModel(
+            net,
+            bayesian=self.bayesian,
+            prior_scale=self.prior_scale,
+            x_loc=x.mean(0),
+            x_scale=x_scale,
+            y_loc=yt.mean(0),
+            y_scale=yt.std(0),
+        )
+        guide = make_guide(model, self.guide, init_scale=float(self.init_scale), rank=self.rank)
+        self.history_: FitHistory = fit_svi(model, guide, x, yt, config)
+        self.model_ = model
+        self.guide_ = guide
+        self.n_features_in_ = x.shape[1]
+        self.n_outputs_ = yt.shape[1]
+        self._y_1d = y_1d
+        return self
+
+    # -- prediction ------------------------------------------------------------------
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "model_"):
+            raise RuntimeError(
+                "this BayesianMDN is not fitted yet: call fit(X, y) before predicting"
+            )
+
+    def _x(self, X: Any) -> Tensor:
+        self._check_fitted()
+        arr, _ = as_2d_float(X, "X", allow_1d=False)
+        if arr.shape[1] != self.n_features_in_:
+            raise ValueError(
+                f"X has {arr.shape[1]} features, but this model was fitted with "
+                f"{self.n_features_in_}"
+            )
+        ref = self.model_.prior_scale
+        return torch.as_tensor(arr, dtype=ref.dtype, device=ref.device)
+
+    def _y(self, y: Any, n: int) -> Tensor:
+        arr, _ = as_2d_float(y, "y", allow_1d=True)
+        if arr.shape[1] != self.n_outputs_:
+            raise ValueError(
+                f"y has {arr.shape[1]} outputs, but this model was fitted with {self.n_outputs_}"
+            )
+        if len(arr) != n:
+            raise ValueError(f"X and y must have the same number of rows, got {n} and {len(arr)}")
+        ref = self.model_.prior_scale
+        return torch.as_tensor(arr, dtype=ref.dtype, device=ref.device)
+
+    def _draws(self, num_draws: int | None) -> int:
+        return self.num_draws if num_draws is None else num_draws
+
+    def _seed(self, seed: int | Literal["default"] | None) -> int | None:
+        return self.seed if seed == "default" else seed
+
+    def _out(self, t: Tensor) -> np.ndarray:
+        """To NumPy, dropping the output axis (the last) for 1-D targets."""
+        arr = t.detach().cpu().numpy()
+        return arr[..., 0] if self._y_1d else arr
+
+    def predict(self, X: Any, num_draws: int | None = None, seed: Any = "default") -> np.ndarray:
+        """Posterior-predictive mean, shape (n,) for 1-D y, else (n, d_y)."""
+        x = self._x(X)
+        m = _predict.predictive_mean(
+            self.model_, self.guide_, x, self._draws(num_draws), self._seed(seed)
+        )
+        return self._out(m)
+
+    def predict_std(
+        self, X: Any, num_draws: int | None = None, seed: Any = "default"
+    ) -> np.ndarray:
+        """Posterior-predictive standard deviation, shape (n,) or (n, d_y)."""
+        x = self._x(X)
+        s = _predict.predictive_std(
+            self.model_, self.guide_, x, self._draws(num_draws), self._seed(seed)
+        )
+        return self._out(s)
+
+    def predict_quantiles(
+        self, X: Any, q: Any, num_draws: int | None = None, seed: Any = "default"
+    ) -> np.ndarray:
+        """Quantiles of the exact predictive CDF: shape (n, m) or (n, m, d_y) for m levels."""
+        x = self._x(X)
+        q_t = torch.as_tensor(np.atleast_1d(np.asarray(q, dtype=float)), dtype=x.dtype)
+        out = _predict.predictive_quantiles(
+            self.model_, self.guide_, x, q_t.to(x.device), self._draws(num_draws), self._seed(seed)
+        )
+        return self._out(out)
+
+    def predict_interval(
+        self, X: Any, level: float = 0.9, num_draws: int | None = None, seed: Any = "default"
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Central predictive interval (lower, upper), each of shape (n,) or (n, d_y)."""
+        x = self._x(X)
+        lo, hi = _predict.predictive_interval(
+            self.model_, self.guide_, x, level, self._draws(num_draws), self._seed(seed)
+        )
+        return self._out(lo), self._out(hi)
+
+    def predict_modes(
+        self, X: Any, num_draws: int = 16, seed: Any = "default"
+    ) -> list[np.ndarray]:
+        """Modes of the predictive density at each x, highest first.
+
+        Returns a list of n arrays, each of shape (n_modes,) for 1-D y or
+        (n_modes, d_y).
+        """
+        x = self._x(X)
+        modes, _ = _predict.predictive_modes(
+            self.model_, self.guide_, x, num_draws, self._seed(seed)
+        )
+        out = []
+        for row in modes.cpu().numpy():
+            row = row[~np.isnan(row).any(-1)]
+            out.append(row[:, 0] if self._y_1d else row)
+        return out
+
+    def sample(self, X: Any, n_samples: int = 100, seed: Any = "default") -> np.ndarray:
+        """Posterior-predictive draws: shape (n_samples, n) or (n_samples, n, d_y)."""
+        x = self._x(X)
+        s = _predict.sample_predictive(self.model_, self.guide_, x, n_samples, self._seed(seed))
+        return self._out(s)
+
+    def log_prob(
+        self, X: Any, y: Any, num_draws: int | None = None, seed: Any = "default"
+    ) -> np.ndarray:
+        """Log posterior-predictive density log p(y | x, D) per point, shape (n,)."""
+        x = self._x(X)
+        yt = self._y(y, len(x))
+        lp = _predict.log_predictive_density(
+            self.model_, self.guide_, x, yt, self._draws(num_draws), self._seed(seed)
+        )
+        return lp.cpu().numpy()
+
+    def score(self, X: Any, y: Any) -> float:
+        """Mean log predictive density per point (higher is better; nats)."""
+        return float(self.log_prob(X, y).mean())
+
+    def predictive_mixture(
+        self, X: Any, num_draws: int | None = None, seed: Any = "default"
+    ) -> MixtureParams:
+        """The predictive at each x as one Gaussian mixture of S*K components (tensors)."""
+        x = self._x(X)
+        return _predict.predictive_mixture(
+            self.model_, self.guide_, x, self._draws(num_draws), self._seed(seed)
+        )
+
+    def uncertainty(
+        self, X: Any, num_draws: int | None = None, seed: Any = "default"
+    ) -> dict[str, np.ndarray]:
+        """Predictive variance split into aleatoric and epistemic parts, each (n,) or (n, d_y)."""
+        x = self._x(X)
+        parts = _predict.uncertainty_decomposition(
+            self.model_, self.guide_, x, self._draws(num_draws), self._seed(seed)
+        )
+        return {k: self._out(v) for k, v in parts.items()}
+
+
+def _same(a: object, b: object) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:
+        return False

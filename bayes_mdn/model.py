@@ -1,0 +1,177 @@
+"""The Pyro model: priors over the chosen layers, the mixture likelihood under a data plate."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Literal
+
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import Tensor, nn
+
+from .mixtures import affine, mixture_distribution
+from .nets import MixtureDensityNetwork, MixtureParams
+
+__all__ = ["BAYESIAN_LAYERS", "OBS_SITE", "MixtureDensityModel"]
+
+BAYESIAN_LAYERS = ("none", "last", "all")
+OBS_SITE = "obs"
+
+Bayesian = Literal["none", "last", "all"]
+
+
+class MixtureDensityModel(nn.Module):
+    """A Bayesian mixture density network as a Pyro model.
+
+    The weights and biases of the chosen layers are latent variables with Gaussian
+    priors: Normal(0, prior_scale / sqrt(fan_in)) for a weight matrix (Neal's scaling,
+    which keeps the prior variance of each layer's output independent of its width),
+    Normal(0, prior_scale) for a bias. Every other parameter is a point estimate (an ordinary
+    ``nn.Parameter``, trained by the optimizer alongside the guide). Inputs are
+    standardized inside the model and the mixture is mapped back to the units of y,
+    so every density the model reports is in the user's units.
+
+    Parameters
+    ----------
+    net : MixtureDensityNetwork
+        The network; its initial weights are also the initial values of the guide.
+    bayesian : {"none", "last", "all"}
+        Which layers get priors: none (maximum likelihood), the output layer, all layers.
+    prior_scale : float
+        Prior standard deviation of a latent bias, and of a latent weight times
+        sqrt(fan_in).
+    x_loc, x_scale : Tensor of shape (d_x,)
+        Standardization of the inputs.
+    y_loc, y_scale : Tensor of shape (d_y,)
+        Standardization of the targets.
+
+    Notes
+    -----
+    Latent weights arrive either as plain tensors or with leading batch dimensions
+    (vectorized ELBO particles, ``Predictive(parallel=True)``). Those batch dimensions
+    are flattened into one leading dimension B, so the likelihood has batch shape
+    (B, n): B lines up with Pyro's vectorization plate at dim -2, n with the data plate.
+    """
+
+    def __init__(
+        self,
+        net: MixtureDensityNetwork,
+        *,
+        bayesian: Bayesian = "last",
+        prior_scale: float = 1.0,
+        x_loc: Tensor,
+        x_scale: Tensor,
+        y_loc: Tensor,
+        y_scale: Tensor,
+    ) -> None:
+        super().__init__()
+        if bayesian not in BAYESIAN_LAYERS:
+            raise ValueError(f"bayesian must be one of {BAYESIAN_LAYERS}, got {bayesian!r}")
+        if not prior_scale > 0:
+            raise ValueError(f"prior_scale must be > 0, got {prior_scale!r}")
+        self.net = net
+        self.bayesian = bayesian
+        layers = {"none": [], "last": ["head"], "all": net.layer_names}[bayesian]
+        self.latent_shapes: dict[str, torch.Size] = {
+            name: param.shape
+            for name, param in net.named_parameters()
+            if name.rsplit(".", 1)[0] in layers
+        }
+        # Latent weights are sampled, not optimized: their nn.Parameters stay only as the
+        # network's initialization, which the guides start from.
+        for name, param in net.named_parameters():
+            if name in self.latent_shapes:
+                param.requires_grad_(False)
+        ref = next(net.parameters())
+        self.register_buffer("prior_scale", torch.tensor(float(prior_scale), dtype=ref.dtype))
+        # One prior standard deviation per latent site, kept as buffers so .to() moves them.
+        self._prior_names = {}
+        for i, (name, shape) in enumerate(self.latent_shapes.items()):
+            fan_in = shape[1] if len(shape) == 2 else 1
+            scale = torch.tensor(float(prior_scale) / math.sqrt(fan_in), dtype=ref.dtype)
+            self._prior_names[name] = f"_prior_scale_{i}"
+            self.register_buffer(self._prior_names[name], scale)
+        self.register_buffer("x_loc", x_loc.to(ref))
+        self.register_buffer("x_scale", x_scale.to(ref))
+        self.register_buffer("y_loc", y_loc.to(ref))
+        self.register_buffer("y_scale", y_scale.to(ref))
+
+    @property
+    def latent_names(self) -> list[str]:
+        """Names of the latent sites (``"head.weight"``, ...), in network order."""
+        return list(self.latent_shapes)
+
+    def initial_values(self) -> dict[str, Tensor]:
+        """The network's initial weights for each latent site: where guides start."""
+        params = dict(self.net.named_parameters())
+        return {name: params[name].detach().clone() for name in self.latent_shapes}
+
+    def mixture(self, x: Tensor, weights: Mapping[str, Tensor] | None = None) -> MixtureParams:
+        """Mixture parameters in the units of y.
+
+        Parameters
+        ----------
+        x : Tensor of shape (n, d_x), in the user's units
+        weights : optional latent weights, each of shape (*B, *param_shape)
+
+        Returns
+        -------
+        MixtureParams with logits (n, K) or (B, n, K) when the weights are batched.
+        """
+        flat = {}
+        for name, value in (weights or {}).items():
+            event = self.latent_shapes[name]
+            batch = value.shape[: value.dim() - len(event)]
+            flat[name] = value.reshape(-1, *event) if len(batch) else value
+        z = self.net((x - self.x_loc) / self.x_scale, flat)
+        return affine(z, self.y_loc, self.y_scale)
+
+    def log_predictive_density(
+        self, x: Tensor, y: Tensor, weights: Mapping[str, Tensor] | None = None
+    ) -> Tensor:
+        """log p(y | x) averaged over draws of the weights: log-mean-exp over B draws.
+
+        x: (n, d_x); y: (n, d_y); weights: each (B, *param_shape) or absent.
+        Returns a Tensor of shape (n,).
+        """
+        log_p = mixture_distribution(self.mixture(x, weights)).log_prob(y)
+        if log_p.dim() == 1:
+            return log_p
+        return torch.logsumexp(log_p, 0) - math.log(log_p.shape[0])
+
+    def prior(self, name: str) -> dist.Distribution:
+        """The prior of latent site ``name``."""
+        shape = self.latent_shapes[name]
+        scale = getattr(self, self._prior_names[name])
+        return dist.Normal(torch.zeros_like(scale), scale).expand(shape).to_event(len(shape))
+
+    def forward(
+        self,
+        x: Tensor,
+        y: Tensor | None = None,
+        *,
+        subsample: Tensor | None = None,
+        n_total: int | None = None,
+    ) -> Tensor:
+        """Run the generative model.
+
+        Parameters
+        ----------
+        x : Tensor of shape (n, d_x)
+        y : Tensor of shape (n, d_y) or None to sample it
+        subsample : indices of this mini-batch in the full data set, shape (n,)
+        n_total : size of the full data set; the likelihood is scaled by n_total / n
+
+        Returns
+        -------
+        The observed or sampled y, shape (n, d_y) or (B, n, d_y).
+        """
+        weights = {name: pyro.sample(name, self.prior(name)) for name in self.latent_shapes}
+        likelihood = mixture_distribution(self.mixture(x, weights))
+        size = len(x) if n_total is None else n_total
+        if subsample is None and size != len(x):
+            subsample = torch.arange(len(x), device=x.device)
+        with pyro.plate("data", size, subsample=subsample, dim=-1):
+            return pyro.sample(OBS_SITE, likelihood, obs=y)

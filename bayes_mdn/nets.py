@@ -1,0 +1,215 @@
+"""The neural network that maps inputs to the parameters of a Gaussian mixture.
+
+Plain PyTorch: nothing here knows about Pyro. The network's forward pass accepts
+optional replacement weights with leading batch dimensions, which is how the Pyro
+model evaluates one network per posterior draw (or per ELBO particle) in a single
+vectorized pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+__all__ = ["ACTIVATIONS", "COVARIANCES", "MixtureDensityNetwork", "MixtureParams"]
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+    "elu": nn.ELU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+}
+COVARIANCES = ("diagonal", "full")
+
+Covariance = Literal["diagonal", "full"]
+
+
+@dataclass(frozen=True)
+class MixtureParams:
+    """Parameters of a batch of K-component Gaussian mixtures over y in R^d.
+
+    Attributes
+    ----------
+    logits : Tensor of shape (..., n, K)
+        Unnormalized log mixture weights.
+    loc : Tensor of shape (..., n, K, d)
+        Component means.
+    scale : Tensor of shape (..., n, K, d) or (..., n, K, d, d)
+        Component standard deviations (diagonal covariance) or lower-triangular
+        Cholesky factors with a positive diagonal (full covariance).
+    """
+
+    logits: Tensor
+    loc: Tensor
+    scale: Tensor
+
+    @property
+    def covariance(self) -> Covariance:
+        """``"full"`` when ``scale`` holds Cholesky factors, else ``"diagonal"``."""
+        return "full" if self.scale.dim() == self.loc.dim() + 1 else "diagonal"
+
+    @property
+    def n_components(self) -> int:
+        return self.logits.shape[-1]
+
+    @property
+    def event_dim(self) -> int:
+        """Dimension d of the target y."""
+        return self.loc.shape[-1]
+
+    def map(self, fn) -> MixtureParams:
+        """Apply ``fn`` to every tensor (indexing, moving, detaching)."""
+        return MixtureParams(fn(self.logits), fn(self.loc), fn(self.scale))
+
+    def marginal_scale(self) -> Tensor:
+        """Per-dimension component standard deviations, shape (..., n, K, d)."""
+        if self.covariance == "diagonal":
+            return self.scale
+        return self.scale.pow(2).sum(-1).sqrt()
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """``x @ weight.T + bias`` where ``weight`` may carry leading batch dimensions.
+
+    x: (..., n, d_in); weight: (*B, d_out, d_in); bias: (*B, d_out).
+    Returns (*broadcast, n, d_out).
+    """
+    if weight.dim() == 2:
+        return F.linear(x, weight, bias)
+    return torch.matmul(x, weight.mT) + bias.unsqueeze(-2)
+
+
+class MixtureDensityNetwork(nn.Module):
+    """An MLP whose output parametrizes a K-component Gaussian mixture (Bishop, 1994).
+
+    Parameters
+    ----------
+    d_x : int
+        Number of input features.
+    d_y : int
+        Dimension of the target.
+    n_components : int
+        Number of mixture components K.
+    hidden : sequence of int
+        Widths of the hidden layers (may be empty: a linear model of the parameters).
+    activation : str
+        One of ``ACTIVATIONS``.
+    covariance : {"diagonal", "full"}
+        Component covariance structure. ``"full"`` predicts a Cholesky factor.
+    min_scale : float
+        Floor added to every predicted standard deviation (diagonal of the
+        Cholesky factor), in the units the network sees (standardized y).
+
+    Examples
+    --------
+    >>> net = MixtureDensityNetwork(d_x=1, d_y=2, n_components=3, hidden=(8,))
+    >>> p = net(torch.zeros(5, 1))
+    >>> tuple(p.logits.shape), tuple(p.loc.shape), tuple(p.scale.shape)
+    ((5, 3), (5, 3, 2), (5, 3, 2))
+    """
+
+    def __init__(
+        self,
+        d_x: int,
+        d_y: int,
+        n_components: int,
+        hidden: Sequence[int] = (64, 64),
+        activation: str = "tanh",
+        covariance: Covariance = "diagonal",
+        min_scale: float = 1e-3,
+    ) -> None:
+        super().__init__()
+        for name, value in (("d_x", d_x), ("d_y", d_y), ("n_components", n_components)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if any(not isinstance(h, int) or h < 1 for h in hidden):
+            raise ValueError(f"hidden must be a sequence of integers >= 1, got {hidden!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}"
+            )
+        if covariance not in COVARIANCES:
+            raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
+        if not min_scale > 0:
+            raise ValueError(f"min_scale must be > 0, got {min_scale!r}")
+        self.d_x, self.d_y, self.n_components = d_x, d_y, n_components
+        self.covariance = covariance
+        self.min_scale = float(min_scale)
+        self.activation = ACTIVATIONS[activation]()
+        widths = [d_x, *hidden]
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        n_tril = d_y * (d_y - 1) // 2 if covariance == "full" else 0
+        self._sizes = (n_components, n_components * d_y, n_components * d_y, n_components * n_tril)
+        self.head = nn.Linear(widths[-1], sum(self._sizes))
+        self._init_head()
+
+    def _init_head(self) -> None:
+        # Start near equal weights, spread-out means and unit-ish scales in standardized
+        # units: components that start on top of each other tend to stay collapsed.
+        k, d = self.n_components, self.d_y
+        with torch.no_grad():
+            self.head.weight.mul_(0.1)
+            bias = torch.zeros(sum(self._sizes))
+            locs = torch.randn(k, d)
+            if d == 1:
+                locs = torch.linspace(-1.6, 1.6, k).unsqueeze(-1) if k > 1 else torch.zeros(1, 1)
+            start = self._sizes[0]
+            bias[start : start + k * d] = locs.reshape(-1)
+            start += k * d
+            target_scale = 0.6 if k > 1 else 1.0
+            bias[start : start + k * d] = _softplus_inverse(target_scale - self.min_scale)
+            self.head.bias.copy_(bias)
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Names of the linear layers, input first: ``hidden.0``, ..., ``head``."""
+        return [f"hidden.{i}" for i in range(len(self.hidden))] + ["head"]
+
+    def forward(self, x: Tensor, weights: Mapping[str, Tensor] | None = None) -> MixtureParams:
+        """Mixture parameters for each row of ``x``.
+
+        Parameters
+        ----------
+        x : Tensor of shape (n, d_x)
+        weights : mapping from parameter name (``"head.weight"``, ``"hidden.0.bias"``...)
+            to replacement tensors of shape (B, *param.shape); missing names use the
+            module's own parameters.
+
+        Returns
+        -------
+        MixtureParams with logits (B?, n, K), loc and scale (B?, n, K, d[, d]).
+        """
+        weights = weights or {}
+        h = x
+        for name, layer in zip(self.layer_names[:-1], self.hidden):
+            w = weights.get(f"{name}.weight", layer.weight)
+            b = weights.get(f"{name}.bias", layer.bias)
+            h = self.activation(_linear(h, w, b))
+        w = weights.get("head.weight", self.head.weight)
+        out = _linear(h, w, weights.get("head.bias", self.head.bias))
+        return self._split(out)
+
+    def _split(self, out: Tensor) -> MixtureParams:
+        k, d = self.n_components, self.d_y
+        batch = out.shape[:-1]
+        logits, loc, raw_scale, raw_tril = out.split(self._sizes, dim=-1)
+        loc = loc.reshape(*batch, k, d)
+        diag = F.softplus(raw_scale.reshape(*batch, k, d)) + self.min_scale
+        if self.covariance == "diagonal":
+            return MixtureParams(logits, loc, diag)
+        tril = torch.zeros(*batch, k, d, d, dtype=out.dtype, device=out.device)
+        rows, cols = torch.tril_indices(d, d, offset=-1, device=out.device)
+        tril[..., rows, cols] = raw_tril.reshape(*batch, k, -1)
+        scale = tril + torch.diag_embed(diag)
+        return MixtureParams(logits, loc, scale)
+
+
+def _softplus_inverse(y: float) -> float:
+    return y + math.log(-math.expm1(-y))

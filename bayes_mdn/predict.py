@@ -1,0 +1,312 @@
+"""The posterior predictive of a fitted model: draws, densities, quantiles, modes.
+
+The posterior predictive p(y | x, D) of a Bayesian MDN, estimated with S posterior
+draws of the weights, is itself a Gaussian mixture with S x K components. Its density,
+CDF, quantiles, moments and modes are therefore computed exactly from that pooled
+mixture; only y draws are random (through ``pyro.infer.Predictive``). Work is split
+into chunks of x so that memory stays bounded whatever the number of points.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+from pyro.infer import Predictive
+from torch import Tensor, nn
+
+from . import mixtures
+from ._utils import pyro_scope, seeded
+from .guides import draw_latents, is_deterministic
+from .model import OBS_SITE, MixtureDensityModel
+from .nets import MixtureParams
+
+__all__ = [
+    "log_predictive_density",
+    "posterior_weights",
+    "predictive_interval",
+    "predictive_mean",
+    "predictive_mixture",
+    "predictive_modes",
+    "predictive_params",
+    "predictive_quantiles",
+    "predictive_std",
+    "sample_predictive",
+    "uncertainty_decomposition",
+]
+
+# Elements of the largest (draws x points x components x d) tensor built at once.
+DEFAULT_MAX_ELEMENTS = 2**23
+
+
+def _effective_draws(guide: nn.Module, num_draws: int) -> int:
+    if not isinstance(num_draws, int) or isinstance(num_draws, bool) or num_draws < 1:
+        raise ValueError(f"num_draws must be an integer >= 1, got {num_draws!r}")
+    return 1 if is_deterministic(guide) else num_draws
+
+
+def _chunks(n: int, per_point: int, max_elements: int) -> Iterator[slice]:
+    size = max(1, max_elements // max(per_point, 1))
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def posterior_weights(
+    model: MixtureDensityModel, guide: nn.Module, num_draws: int = 100, seed: int | None = 0
+) -> dict[str, Tensor]:
+    """Joint posterior draws of the latent weights: {site: Tensor (S, *shape)}.
+
+    A deterministic guide (MAP, or no latent weights) gives one draw whatever
+    ``num_draws`` asks for: every draw would be the same.
+    """
+    draws = _effective_draws(guide, num_draws)
+    device = model.prior_scale.device
+    with pyro_scope(), seeded(seed, device), torch.no_grad():
+        return draw_latents(guide, draws)
+
+
+def _map_chunks(
+    model: MixtureDensityModel,
+    x: Tensor,
+    weights: dict[str, Tensor],
+    fn: Callable[[MixtureParams, slice], Tensor],
+    max_elements: int,
+) -> Tensor:
+    draws = next(iter(weights.values())).shape[0] if weights else 1
+    net = model.net
+    per_point = draws * net.n_components * net.d_y * (net.d_y if net.covariance == "full" else 1)
+    outs = []
+    with torch.no_grad():
+        for sl in _chunks(len(x), per_point, max_elements):
+            params = model.mixture(x[sl], weights)
+            if params.logits.dim() == 2:
+                params = params.map(lambda t: t.unsqueeze(0))
+            outs.append(fn(params, sl))
+    return torch.cat(outs, dim=0)
+
+
+def predictive_params(
+    model: MixtureDensityModel,
+    guide: nn.Module,
+    x: Tensor,
+    num_draws: int = 100,
+    seed: int | None = 0,
+) -> MixtureParams:
+    """Mixture parameters per posterior draw: logits (S, n, K), loc (S, n, K, d), ..."""
+    weights = posterior_weights(model, guide, num_draws, seed)
+    with torch.no_grad():
+        params = model.mixture(x, weights)
+    if params.logits.dim() == 2:
+        params = params.map(lambda t: t.unsqueeze(0))
+    return params
+
+
+def predictive_mixture(
+    model: MixtureDensityModel,
+    guide: nn.Module,
+    x: Tensor,
+    num_draws: int = 100,
+    seed: int | None = 0,
+) -> MixtureParams:
+    """The posterior predictive at each x as one mixture of S*K components: (n, S*K)."""
+    return mixtures.pool_draws(predictive_params(model, guide, x, num_draws, seed))
+
+
+def log_predictive_density(
+    model: MixtureDensityModel,
+    guide: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    num_draws: int = 100,
+    seed: int | None = 0,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> Tensor:
+    """log p(y | x, D) = log (1/S) sum_s p(y | x, theta_s), shape (n,), in y's units."""
+    weights = posterior_weights(model, guide, num_draws, seed)
+
+    def lpd(params: MixtureParams, sl: slice) -> Tensor:
+        log_p = mixtures.log_prob(params, y[sl])
+        return torch.logsumexp(log_p, 0) - math.log(log_p.shape[0])
+
+    return _map_chunks(model, x, weights, lpd, max_elements)
+
+
+def sample_predictive(
+    model: MixtureDensityModel,
+    guide: nn.Module,
+    x: Tensor,
+    num_samples: int = 100,
+    seed: int | None = 0,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> Tensor:
+    """Posterior-predictive draws of y with ``pyro.infer.Predictive``: (S, n, d).
+
+    Each draw takes its own posterior draw of the weights, then y from the mixture
+    those weights give, so the draws carry both kinds of uncertainty.
+    """
+    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+    device = model.prior_scale.device
+    net = model.net
+    per_point = num_samples * net.n_components * net.d_y
+    outs = []
+    with pyro_scope(), seeded(seed, device), torch.no_grad():
+        weights = draw_latents(guide, num_samples) if model.latent_shapes else {}
+        if weights:
+            predictive = Predictive(
+                model, posterior_samples=weights, return_sites=[OBS_SITE], parallel=True
+            )
+        else:
+            predictive = Predictive(
+                model, num_samples=num_samples, return_sites=[OBS_SITE], parallel=True
+            )
+        for sl in _chunks(len(x), per_point, max_elements):
+            # y=None: with y given, Predictive would return y itself, copied S times.
+            outs.append(predictive(x[sl], None)[OBS_SITE].reshape(num_samples, -1, net.d_y))
+    return torch.cat(outs, dim=1)
+
+
+def _pooled(
+    model: MixtureDensityModel,
+    guide: nn.Module,
+    x: Tensor,
+    num_draws: int,
+    seed: int | None,
+    fn: Callable[[MixtureParams], Tensor],
+    max_elements: int,
+    cost: int = 1,
+) -> Tensor:
+    weights = posterior_weights(model, guide, num_draws, seed)
+    return _map_chunks(
+        model, x, weights, lambda p, _: fn(mixtures.pool_draws(p)), max_elements // cost
+    )
+
+
+def predictive_mean(
+    model: MixtureDensityModel,
+    guide: nn.Module,
+    x: Tensor,
+    num_draws: int = 100,
+    seed: int | None = 0,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> Tensor:
+    """Mean of the posterior predictive, shape (n, d)."""
+    return _pooled(model, guide, x, num_draws, seed, mixtures.mean, max_elements)
+
+
+def predictive_std(
+    model: MixtureDensityModel,
+    guide: nn.Module,
+    x: Tensor,
+    num_draws: int = 100,
+    seed: int | None = 0,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> Tensor:
+    """Marginal standard deviations of the posterior predictive, shape (n, d)."""
+
+    def std(p: MixtureParams) -> Tensor:
+        return mixtures.covariance(p).diagonal(dim1=-2, dim2=-1).sqrt()
+
+    return _pooled(model, guide, x, num_draws, seed, std, max_elements)
+
+
+def predictive_quantiles(
+    model: MixtureDensityModel,
+    guide: nn.Module,
+    x: Tensor,
+    q: Tensor,
+    num_draws: int = 100,
+    seed: int | None = 0,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> Tensor:
+    """Marginal quantiles of the posterior predictive from its exact CDF: (n, m, d).
+
+    q : Tensor of shape (m,), each strictly between 0 and 1.
+    """
+    q = torch.as_tensor(q, dtype=x.dtype, device=x.device).reshape(-1)
+    if q.numel() == 0 or not bool(((q > 0) & (q < 1)).all()):
+        raise ValueError(f"quantile levels must lie strictly between 0 and 1, got {q.tolist()}")
+
+    def quant(p: MixtureParams) -> Tensor:
+        return mixtures.marginal_quantiles(p, q).movedim(0, 1)
+
+    return _pooled(model, guide, x, num_draws, seed, quant, max_elements, cost=len(q))
+
+
+def predictive_interval(
+    model: MixtureDensityModel,
+    guide: nn.Module,
+    x: Tensor,
+    level: float = 0.9,
+    num_draws: int = 100,
+    seed: int | None = 0,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> tuple[Tensor, Tensor]:
+    """Central interval holding ``level`` of the predictive mass: (lower, upper), each (n, d)."""
+    if not (isinstance(level, (int, float)) and 0 < level < 1):
+        raise ValueError(f"level must lie strictly between 0 and 1, got {level!r}")
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=x.dtype, device=x.device)
+    bounds = predictive_quantiles(model, guide, x, q, num_draws, seed, max_elements)
+    return bounds[:, 0], bounds[:, 1]
+
+
+def predictive_modes(
+    model: MixtureDensityModel,
+    guide: nn.Module,
+    x: Tensor,
+    num_draws: int = 16,
+    seed: int | None = 0,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> tuple[Tensor, Tensor]:
+    """Modes of the posterior predictive density at each x.
+
+    Returns
+    -------
+    modes : Tensor of shape (n, C, d), highest density first, NaN padded
+    log_density : Tensor of shape (n, C), NaN padded
+    """
+    weights = posterior_weights(model, guide, num_draws, seed)
+    draws = next(iter(weights.values())).shape[0] if weights else 1
+    comps = draws * model.net.n_components
+    out_modes, out_dens = [], []
+    with torch.no_grad():
+        for sl in _chunks(len(x), comps * comps * model.net.d_y, max_elements):
+            params = model.mixture(x[sl], weights)
+            if params.logits.dim() == 2:
+                params = params.map(lambda t: t.unsqueeze(0))
+            m, d = mixtures.modes(mixtures.pool_draws(params))
+            out_modes.append(m)
+            out_dens.append(d)
+    return torch.cat(out_modes), torch.cat(out_dens)
+
+
+def uncertainty_decomposition(
+    model: MixtureDensityModel,
+    guide: nn.Module,
+    x: Tensor,
+    num_draws: int = 100,
+    seed: int | None = 0,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> dict[str, Tensor]:
+    """Split the predictive variance by the law of total variance over posterior draws.
+
+    Var[y | x, D] = E_theta[Var(y | x, theta)] + Var_theta[E(y | x, theta)]: the first
+    term is aleatoric (noise the model believes is in the data), the second epistemic
+    (disagreement between plausible networks, which shrinks with more data).
+
+    Returns
+    -------
+    dict with "total", "aleatoric" and "epistemic", each a Tensor of shape (n, d).
+    """
+    weights = posterior_weights(model, guide, num_draws, seed)
+
+    def split(params: MixtureParams, _: slice) -> Tensor:
+        means = mixtures.mean(params)  # (S, n, d)
+        variances = mixtures.covariance(params).diagonal(dim1=-2, dim2=-1)
+        aleatoric = variances.mean(0)
+        epistemic = means.var(0, unbiased=False)
+        return torch.stack([aleatoric + epistemic, aleatoric, epistemic], dim=-1)
+
+    out = _map_chunks(model, x, weights, split, max_elements)
+    return {"total": out[..., 0], "aleatoric": out[..., 1], "epistemic": out[..., 2]}
