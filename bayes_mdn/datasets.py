@@ -52,14 +52,14 @@ def make_inverse_sine(
 
 
 def inverse_sine_log_density(
-    X: np.ndarray, y: np.ndarray, noise: float = 1.0, grid_size: int = 20_001
+    X: np.ndarray, y: np.ndarray, noise: float = 1.0, grid_size: int = 4001
 ) -> np.ndarray:
     """Exact log p(y | x) of the inverse-sine problem: the Bayes oracle.
 
     By Bayes' rule p(y | x) = N(x; f(y), noise^2) / integral N(x; f(u), noise^2) du over
-    the support of y (the uniform prior cancels). The normalizer is computed by the
-    trapezoid rule on ``grid_size`` points; with the default grid its relative error
-    is below 1e-8.
+    the support of y (the uniform prior cancels). The normalizer is computed by
+    Simpson's rule on ``grid_size`` points (odd); with the default grid the log density
+    is within 1e-8 of a 40,001-point rule.
 
     Parameters
     ----------
@@ -84,8 +84,11 @@ def inverse_sine_log_density(
     grid = np.linspace(lo, hi, grid_size)
     f_grid = _inverse_sine_mean(grid)
     dy = grid[1] - grid[0]
-    weights = np.full(grid_size, dy)
-    weights[[0, -1]] = dy / 2
+    if grid_size < 3 or grid_size % 2 == 0:
+        raise ValueError(f"grid_size must be an odd integer >= 3, got {grid_size!r}")
+    weights = np.full(grid_size, 2 * dy / 3)
+    weights[1::2] = 4 * dy / 3
+    weights[[0, -1]] = dy / 3
     log_norm = np.empty_like(x)
     for start in range(0, x.size, 512):
         xs = x[start : start + 512, None]

@@ -1,0 +1,31 @@
+"""Small builders shared by the tests."""
+
+import torch
+
+from bayes_mdn.guides import make_guide
+from bayes_mdn.model import MixtureDensityModel
+from bayes_mdn.nets import MixtureDensityNetwork
+
+
+def small_model(bayesian="last", d_x=1, d_y=1, k=3, hidden=(8,), covariance="diagonal"):
+    net = MixtureDensityNetwork(d_x, d_y, k, hidden, covariance=covariance)
+    return MixtureDensityModel(
+        net,
+        bayesian=bayesian,
+        x_loc=torch.zeros(d_x),
+        x_scale=torch.ones(d_x),
+        y_loc=torch.zeros(d_y),
+        y_scale=torch.ones(d_y),
+    )
+
+
+def small_data(n=64, d_x=1, d_y=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d_x, generator=g)
+    y = torch.sin(2 * x[:, :1]).expand(n, d_y) + 0.3 * torch.randn(n, d_y, generator=g)
+    return x, y
+
+
+def model_and_guide(bayesian="last", guide="normal", **kwargs):
+    model = small_model(bayesian, **kwargs)
+    return model, make_guide(model, guide)
