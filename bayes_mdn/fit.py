@@ -417,7 +417,7 @@ def _read_checkpoint(path: str | os.PathLike[str], config: FitConfig, digest: st
         k for k in saved["config"].keys() | now.keys() if saved["config"].get(k) != now.get(k)
     )
     if differ:
-        detail = ", ".join(
+        detail = "; ".join(
             f"{k}: checkpoint {saved['config'].get(k)!r}, now {now.get(k)!r}" for k in differ
         )
         raise ValueError(
