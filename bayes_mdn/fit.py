@@ -13,6 +13,7 @@ import hashlib
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -353,7 +354,7 @@ def check_checkpoint_args(checkpoint: object, checkpoint_every: object, resume: 
         raise ValueError("resume=True needs a checkpoint file to resume from, got checkpoint=None")
 
 
-def _all_finite(params: list[Tensor]) -> bool:
+def _all_finite(params: Sequence[Tensor]) -> bool:
     return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
 
 
