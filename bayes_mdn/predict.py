@@ -151,7 +151,9 @@ def sample_predictive(
         raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
     device = model.prior_scale.device
     net = model.net
+    # Each draw builds its own (K, d, d) Cholesky factors under full covariance.
     per_point = num_samples * net.n_components * net.d_y
+    per_point *= net.d_y if net.covariance == "full" else 1
     outs = []
     with pyro_scope(), seeded(seed, device), torch.no_grad():
         weights = draw_latents(guide, num_samples) if model.latent_shapes else {}
