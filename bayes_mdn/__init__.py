@@ -1,6 +1,11 @@
 """Bayesian mixture density networks in Pyro."""
 
-from .datasets import inverse_sine_log_density, make_inverse_sine
+from .datasets import (
+    inverse_sine_log_density,
+    make_inverse_sine,
+    make_noisy_ring,
+    noisy_ring_log_density,
+)
 from .estimator import BayesianMDN
 from .fit import FitConfig, FitHistory, fit_svi
 from .guides import make_guide
@@ -24,4 +29,6 @@ __all__ = [
     "load",
     "make_guide",
     "make_inverse_sine",
+    "make_noisy_ring",
+    "noisy_ring_log_density",
 ]

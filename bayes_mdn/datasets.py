@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["INVERSE_SINE_Y_RANGE", "inverse_sine_log_density", "make_inverse_sine"]
+__all__ = [
+    "INVERSE_SINE_Y_RANGE",
+    "inverse_sine_log_density",
+    "make_inverse_sine",
+    "make_noisy_ring",
+    "noisy_ring_log_density",
+    "noisy_ring_radius",
+]
 
 INVERSE_SINE_Y_RANGE = (-10.5, 10.5)
 
@@ -98,3 +105,109 @@ def inverse_sine_log_density(
     log_lik = -0.5 * ((x - _inverse_sine_mean(y)) / noise) ** 2
     out = log_lik - log_norm
     return np.where((y >= lo) & (y <= hi), out, -np.inf)
+
+
+def noisy_ring_radius(x: np.ndarray) -> np.ndarray:
+    """Radius r(x) = 1 + x of the noisy-ring problem, for x in [0, 1]."""
+    return 1.0 + np.asarray(x, dtype=float)
+
+
+def _check_noise(noise: float) -> None:
+    if not (isinstance(noise, (int, float, np.floating)) and np.isfinite(noise) and noise > 0):
+        raise ValueError(f"noise must be a finite number > 0, got {noise!r}")
+
+
+def make_noisy_ring(
+    n: int, seed: int | None = None, noise: float = 0.15
+) -> tuple[np.ndarray, np.ndarray]:
+    """A two-dimensional target on a ring whose radius grows with x.
+
+    x ~ U(0, 1), theta ~ U(0, 2 pi), y = r(x) (cos theta, sin theta) + N(0, noise^2 I)
+    with r(x) = 1 + x. The conditional density p(y | x) is an annulus: no single
+    Gaussian fits it, and its mean (the origin) is a point of low density.
+
+    Parameters
+    ----------
+    n : int
+        Number of points.
+    seed : int or None
+        Seed for NumPy's generator.
+    noise : float
+        Standard deviation of the isotropic Gaussian noise on y.
+
+    Returns
+    -------
+    X : ndarray of shape (n, 1)
+    Y : ndarray of shape (n, 2)
+
+    Examples
+    --------
+    >>> X, Y = make_noisy_ring(4, seed=0)
+    >>> X.shape, Y.shape
+    ((4, 1), (4, 2))
+    """
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    _check_noise(noise)
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0.0, 1.0, size=n)
+    theta = rng.uniform(0.0, 2 * np.pi, size=n)
+    r = noisy_ring_radius(x)
+    y = np.stack([r * np.cos(theta), r * np.sin(theta)], axis=1)
+    y += noise * rng.standard_normal((n, 2))
+    return x.reshape(-1, 1), y
+
+
+def noisy_ring_log_density(
+    X: np.ndarray, Y: np.ndarray, noise: float = 0.15, n_angles: int = 1024
+) -> np.ndarray:
+    """Exact log p(y | x) of the noisy-ring problem: the Bayes oracle.
+
+    With y at polar coordinates (rho, phi) and r = r(x),
+
+        p(y | x) = (1 / 2 pi) int_0^{2 pi} N(y; r (cos t, sin t), noise^2 I) dt
+                 = exp(-(rho - r)^2 / (2 noise^2)) / (2 pi noise^2) * J(z),
+        J(z) = (1 / 2 pi) int_0^{2 pi} exp(z (cos t - 1)) dt,   z = rho r / noise^2,
+
+    i.e. J(z) = exp(-z) I_0(z), the scaled modified Bessel function. J is computed by the
+    trapezoid rule on ``n_angles`` equally spaced angles, which for this periodic
+    integrand is exact up to the aliased terms 2 sum_m I_{m N}(z) / I_0(z), of order
+    exp(-N^2 / (2 z)): with the default N = 1024 and z below 10^4 (rho r < 225 at the
+    default noise) the relative error is below 1e-20, far under float64 resolution.
+
+    Parameters
+    ----------
+    X : array of shape (n, 1) or (n,), inputs in [0, 1]
+    Y : array of shape (n, 2)
+    noise : the noise standard deviation the data were made with
+    n_angles : quadrature points on the circle
+
+    Returns
+    -------
+    ndarray of shape (n,)
+
+    Examples
+    --------
+    >>> X, Y = make_noisy_ring(20_000, seed=1)
+    >>> round(float(-noisy_ring_log_density(X, Y).mean()), 2)
+    1.75
+    """
+    _check_noise(noise)
+    if not isinstance(n_angles, (int, np.integer)) or n_angles < 8:
+        raise ValueError(f"n_angles must be an integer >= 8, got {n_angles!r}")
+    x = np.asarray(X, dtype=float).reshape(-1)
+    y = np.asarray(Y, dtype=float)
+    if y.ndim != 2 or y.shape[1] != 2:
+        raise ValueError(f"Y must have shape (n, 2), got {y.shape}")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"X and Y must hold the same number of points, got {x.size} and {len(y)}")
+    r = noisy_ring_radius(x)
+    rho = np.hypot(y[:, 0], y[:, 1])
+    z = rho * r / noise**2
+    cos_t = np.cos(2 * np.pi * np.arange(n_angles) / n_angles)
+    log_j = np.empty_like(z)
+    # cos t - 1 <= 0, so every exponent is <= 0 and the sum cannot overflow.
+    for start in range(0, z.size, 512):
+        zs = z[start : start + 512, None]
+        log_j[start : start + 512] = np.log(np.exp(zs * (cos_t - 1.0)).mean(axis=1))
+    return -((rho - r) ** 2) / (2 * noise**2) - np.log(2 * np.pi * noise**2) + log_j

@@ -450,6 +450,34 @@ class BayesianMDN:
         )
         return {k: self._out(v) for k, v in parts.items()}
 
+    def predict_covariance(
+        self, X: Any, num_draws: int | None = None, seed: Any = "default"
+    ) -> np.ndarray:
+        """Covariance matrix of the posterior predictive, shape (n, d_y, d_y).
+
+        Kept 3-D even for 1-D y (then (n, 1, 1)): a covariance is a matrix.
+        """
+        x = self._x(X)
+        cov = _predict.predictive_covariance(
+            self.model_, self.guide_, x, self._draws(num_draws), self._seed(seed)
+        )
+        return cov.cpu().numpy()
+
+    def predict_cdf(
+        self, X: Any, y: Any, num_draws: int | None = None, seed: Any = "default"
+    ) -> np.ndarray:
+        """Exact marginal predictive CDF at y (PIT values): shape (n,) for 1-D y, else (n, d_y).
+
+        Column j is P(Y_j <= y_j | x, D); for a calibrated model each column is
+        uniform on (0, 1) over held-out data.
+        """
+        x = self._x(X)
+        yt = self._y(y, len(x))
+        pit = _predict.predictive_cdf(
+            self.model_, self.guide_, x, yt, self._draws(num_draws), self._seed(seed)
+        )
+        return self._out(pit)
+
 
 def _same(a: object, b: object) -> bool:
     try:

@@ -172,6 +172,11 @@ def modes(
     """
     n, k = params.logits.shape
     d = params.event_dim
+    dtype = params.loc.dtype
+    # Full covariances fitted to nearly collinear targets reach condition numbers near
+    # 1e11; a float32 solve then scatters the end points of one mode too far apart to be
+    # merged, so the iteration runs in float64 whatever the model's dtype.
+    params = params.map(lambda t: t.to(torch.float64))
     if params.covariance == "full":
         prec = torch.cholesky_inverse(params.scale)
     else:
@@ -202,4 +207,4 @@ def modes(
     duplicate = duplicate.gather(1, keep_order)
     x = x.masked_fill(duplicate.unsqueeze(-1), float("nan"))
     dens = dens.masked_fill(duplicate, float("nan"))
-    return x, dens
+    return x.to(dtype), dens.to(dtype)
