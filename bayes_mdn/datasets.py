@@ -79,7 +79,7 @@ def inverse_sine_log_density(
 
     Examples
     --------
-    >>> X, y = make_inverse_sine(20_000, seed=1)
+    >>> X, y = make_inverse_sine(20_000, seed=0)
     >>> round(float(-inverse_sine_log_density(X, y).mean()), 2)
     1.29
     """

@@ -51,7 +51,7 @@ class BayesianMDN:
     rank : int or None
         Rank of the ``"lowrank"`` guide; None picks sqrt(number of latent weights).
     epochs, batch_size, lr, lr_schedule, clip_norm, num_particles, val_fraction,
-    patience, val_draws, jit :
+    patience, val_draws, input_noise, jit :
         The SVI loop, see :class:`bayes_mdn.fit.FitConfig`.
     num_draws : int
         Posterior draws behind every prediction (one for deterministic guides).
@@ -117,6 +117,7 @@ class BayesianMDN:
         val_fraction: float = 0.1,
         patience: int | None = 60,
         val_draws: int = 16,
+        input_noise: float = 0.0,
         jit: bool = False,
         num_draws: int = 100,
         dtype: Literal["float32", "float64"] = "float32",
@@ -146,6 +147,7 @@ class BayesianMDN:
         self.val_fraction = val_fraction
         self.patience = patience
         self.val_draws = val_draws
+        self.input_noise = input_noise
         self.jit = jit
         self.num_draws = num_draws
         self.dtype = dtype
@@ -227,6 +229,7 @@ class BayesianMDN:
             val_fraction=self.val_fraction,
             patience=self.patience,
             val_draws=self.val_draws,
+            input_noise=self.input_noise,
             jit=self.jit,
             seed=self.seed,
             device=self.device,

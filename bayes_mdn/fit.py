@@ -46,6 +46,9 @@ class FitConfig:
     val_fraction : share of rows held out for early stopping (0 disables it)
     patience : epochs without a better validation score before stopping; None never
     val_draws : posterior draws used for the validation log predictive density
+    input_noise : standard deviation of Gaussian noise added to each standardized input
+        at every step, 0 for none. Noise regularization (Rothfuss et al., 2019) smooths
+        p(y | x) along x; it is the most effective regularizer for MDNs in their study.
     jit : compile the ELBO with ``JitTrace_ELBO``
     seed : seed of every random choice of the fit; None for fresh randomness
     device : "auto", "cpu", "cuda" or "cuda:N"
@@ -61,6 +64,7 @@ class FitConfig:
     val_fraction: float = 0.1
     patience: int | None = 60
     val_draws: int = 16
+    input_noise: float = 0.0
     jit: bool = False
     seed: int | None = 0
     device: str = "auto"
@@ -84,6 +88,8 @@ class FitConfig:
             raise ValueError(
                 f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}"
             )
+        if not (isinstance(self.input_noise, (int, float)) and 0 <= self.input_noise < math.inf):
+            raise ValueError(f"input_noise must be a finite number >= 0, got {self.input_noise!r}")
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ValueError(f"clip_norm must be None or > 0, got {self.clip_norm!r}")
         if not 0 <= self.val_fraction < 1:
@@ -238,13 +244,18 @@ def fit_svi(
             if history.stopped_early:
                 first_epoch = config.epochs
         elapsed = history.seconds
+        # input_noise is in standardized units; the model standardizes x itself.
+        noise_scale = config.input_noise * model.x_scale
         bar = _progress(config, first_epoch)
         for epoch in bar:
             perm = torch.randperm(n, device=device)
             losses = torch.empty(steps_per_epoch, device=device)
             for step in range(steps_per_epoch):
                 idx = perm[step * batch : (step + 1) * batch]
-                loss = loss_fn(x_train[idx], y_train[idx], subsample=idx, n_total=n)
+                x_batch = x_train[idx]
+                if config.input_noise > 0:
+                    x_batch = x_batch + noise_scale * torch.randn_like(x_batch)
+                loss = loss_fn(x_batch, y_train[idx], subsample=idx, n_total=n)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if config.clip_norm is not None:

@@ -10,7 +10,18 @@ from bayes_mdn.cli import main
 def test_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     code = main(
-        ["demo", "--out", str(out), "--n-train", "600", "--n-test", "2000", "--epochs", "40", "--no-progress"]
+        [
+            "demo",
+            "--out",
+            str(out),
+            "--n-train",
+            "600",
+            "--n-test",
+            "2000",
+            "--epochs",
+            "40",
+            "--no-progress",
+        ]
     )
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())

@@ -61,9 +61,14 @@ def test_standardization_round_trip(data):
     X, y = data
     a = BayesianMDN(**FAST, bayesian="none", guide="delta").fit(X, y)
     b = BayesianMDN(**FAST, bayesian="none", guide="delta").fit(X * 1000.0, 1e-3 * y + 50.0)
-    np.testing.assert_allclose(b.predict(X * 1000.0), 1e-3 * a.predict(X) + 50.0, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(
-        b.log_prob(X * 1000.0, 1e-3 * y + 50.0), a.log_prob(X, y) - np.log(1e-3), rtol=1e-4, atol=2e-3
+        b.predict(X * 1000.0), 1e-3 * a.predict(X) + 50.0, rtol=1e-4, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        b.log_prob(X * 1000.0, 1e-3 * y + 50.0),
+        a.log_prob(X, y) - np.log(1e-3),
+        rtol=1e-4,
+        atol=2e-3,
     )
 
 

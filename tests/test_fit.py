@@ -24,7 +24,9 @@ def test_early_stopping_restores_the_best_state():
     model, g = model_and_guide("none", "delta")
     x, y = small_data(80)
     # A constant, large learning rate makes validation scores bounce: patience 2 stops early.
-    config = FitConfig(**FAST | {"epochs": 200, "lr": 0.05, "lr_schedule": "constant", "patience": 2})
+    config = FitConfig(
+        **FAST | {"epochs": 200, "lr": 0.05, "lr_schedule": "constant", "patience": 2}
+    )
     history = fit_svi(model, g, x, y, config)
     assert history.stopped_early
     assert len(history.val_nll) == history.best_epoch + 3

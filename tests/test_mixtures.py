@@ -82,7 +82,9 @@ def test_modes_of_separated_components():
     p = MixtureParams(logits, loc, torch.ones(1, 3, 1, dtype=torch.float64))
     modes, dens = mixtures.modes(p)
     assert modes.shape == (1, 3, 1)
-    assert torch.allclose(modes[0, :, 0], torch.tensor([0.0, 6.0, -6.0], dtype=torch.float64), atol=1e-3)
+    assert torch.allclose(
+        modes[0, :, 0], torch.tensor([0.0, 6.0, -6.0], dtype=torch.float64), atol=1e-3
+    )
     assert bool((dens[0].diff() < 0).all())
 
 

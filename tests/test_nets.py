@@ -24,14 +24,15 @@ def test_output_shapes(covariance, d_y, hidden):
 def test_batched_weights_match_one_network_per_draw():
     net = MixtureDensityNetwork(1, 1, 3, (6, 5))
     x = torch.randn(4, 1)
-    draws = {name: p.detach() + 0.1 * torch.randn(3, *p.shape) for name, p in net.named_parameters()}
+    draws = {
+        name: p.detach() + 0.1 * torch.randn(3, *p.shape) for name, p in net.named_parameters()
+    }
     batched = net(x, draws)
     assert batched.logits.shape == (3, 4, 3)
     for s in range(3):
         single = net(x, {k: v[s] for k, v in draws.items()})
         torch.testing.assert_close(batched.logits[s], single.logits)
         torch.testing.assert_close(batched.scale[s], single.scale)
-
 
 
 @pytest.mark.parametrize("covariance", ["diagonal", "full"])
@@ -64,6 +65,7 @@ def test_mixture_params_map():
     p = MixtureParams(torch.zeros(2, 3), torch.zeros(2, 3, 1), torch.ones(2, 3, 1))
     q = p.map(lambda t: t[:1])
     assert q.logits.shape == (1, 3) and q.n_components == 3 and q.event_dim == 1
+
 
 def test_batched_last_layer_only():
     net = MixtureDensityNetwork(1, 2, 3, (6,))

@@ -16,7 +16,9 @@ def fitted(guide="normal", bayesian="last", d_y=1):
     return model, g
 
 
-@pytest.mark.parametrize(("guide", "bayesian"), [("normal", "last"), ("delta", "all"), ("delta", "none")])
+@pytest.mark.parametrize(
+    ("guide", "bayesian"), [("normal", "last"), ("delta", "all"), ("delta", "none")]
+)
 def test_log_predictive_density_is_log_mean_exp(guide, bayesian):
     model, g = fitted(guide, bayesian)
     x, y = small_data(9)
