@@ -41,7 +41,8 @@ class FitConfig:
     batch_size : rows per step; None uses the full training set each step
     lr : peak learning rate of Adam
     lr_schedule : "onecycle" (warm up, then anneal), "cosine" (anneal) or "constant"
-    clip_norm : largest gradient norm, None for no clipping
+    clip_norm : largest norm of the gradient of the per-point loss (the ELBO divided by
+        the number of training rows), None for no clipping
     num_particles : ELBO particles per step, evaluated in one vectorized pass
     val_fraction : share of rows held out for early stopping (0 disables it)
     patience : epochs without a better validation score before stopping; None never
@@ -244,6 +245,8 @@ def fit_svi(
             if history.stopped_early:
                 first_epoch = config.epochs
         elapsed = history.seconds
+        # The ELBO is a sum over n rows: clip its gradient at the per-point threshold times n.
+        max_grad_norm = None if config.clip_norm is None else config.clip_norm * n
         # input_noise is in standardized units; the model standardizes x itself.
         noise_scale = config.input_noise * model.x_scale
         bar = _progress(config, first_epoch)
@@ -259,7 +262,7 @@ def fit_svi(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if config.clip_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, config.clip_norm)
+                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 losses[step] = loss.detach()

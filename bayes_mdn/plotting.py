@@ -92,7 +92,7 @@ def plot_mixture_at(
     x : the input value
     grid : y values to draw on; default spans the predictive's 0.1 % to 99.9 % quantiles
     true_log_density : optional callable (X, y) -> log density to draw as a reference
-    max_components : the heaviest components drawn (a pooled posterior can have S*K)
+    max_components : the heaviest components drawn, each averaged over posterior draws
     """
     import torch
 
@@ -110,13 +110,15 @@ def plot_mixture_at(
     dens = mixtures.log_prob(mix, yt.reshape(-1, 1)).exp().cpu().numpy()
     weights = torch.softmax(mix.logits[0], -1)
     sd = mix.marginal_scale()[0, :, 0]
-    comp = (
-        (weights * torch.exp(torch.distributions.Normal(mix.loc[0, :, 0], sd).log_prob(yt[:, 0])))
-        .cpu()
-        .numpy()
-    )
-    for k in np.argsort(-weights.cpu().numpy())[:max_components]:
-        ax.plot(grid, comp[:, k], color="tab:gray", lw=0.8, alpha=0.7)
+    normal = torch.distributions.Normal(mix.loc[0, :, 0], sd)
+    # The pooled predictive holds K components per posterior draw, draw-major: component
+    # k of the predictive is the draw-average of component k of each network.
+    k = model.n_components
+    comp = (weights * normal.log_prob(yt[:, 0]).exp()).reshape(len(grid), -1, k).sum(1)
+    comp_weight = weights.reshape(-1, k).sum(0)
+    comp = comp.cpu().numpy()
+    for j in np.argsort(-comp_weight.cpu().numpy())[:max_components]:
+        ax.plot(grid, comp[:, j], color="tab:gray", lw=0.8, alpha=0.7)
     ax.plot([], [], color="tab:gray", lw=0.8, label="weighted components")
     ax.plot(grid, dens, color="tab:orange", lw=2, label="predictive p(y | x)")
     if true_log_density is not None:
