@@ -164,7 +164,8 @@ def energy_score(samples: Tensor | np.ndarray, y: Tensor | np.ndarray) -> np.nda
 
     Returns
     -------
-    ndarray of shape (n,); lower is better, and it reduces to the CRPS for d = 1.
+    ndarray of shape (n,) from ``scoringrules.es_ensemble``; lower is better, and it
+    reduces to the CRPS for d = 1.
     """
     s = samples.detach().cpu().numpy() if isinstance(samples, Tensor) else np.asarray(samples)
     obs = y.detach().cpu().numpy() if isinstance(y, Tensor) else np.asarray(y)
@@ -174,7 +175,7 @@ def energy_score(samples: Tensor | np.ndarray, y: Tensor | np.ndarray) -> np.nda
         )
     # scoringrules wants (n, S, d): ensemble members on m_axis, variables on v_axis.
     return np.asarray(
-        sr.energy_score(obs, np.moveaxis(s, 0, 1), m_axis=-2, v_axis=-1, backend="numpy")
+        sr.es_ensemble(obs, np.moveaxis(s, 0, 1), m_axis=-2, v_axis=-1, backend="numpy")
     )
 
 
