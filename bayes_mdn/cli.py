@@ -108,7 +108,7 @@ def _run_diagnose(args: argparse.Namespace) -> int:
         n_components=args.components,
         hidden=(32, 32),
         bayesian=args.bayesian,
-        guide=guide,
+        guide=guide,  # type: ignore[arg-type]  # argparse choices already restrict it
         epochs=args.epochs,
         num_draws=args.num_draws,
         seed=args.seed,

@@ -16,7 +16,7 @@ import os
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -93,9 +93,11 @@ def _tensors(model: MixtureDensityModel, X: Any, y: Any) -> tuple[Tensor, Tensor
             f"the model maps {model.net.d_x} inputs to {model.net.d_y} outputs, got X with "
             f"{x_arr.shape[1]} columns and y with {y_arr.shape[1]}"
         )
-    ref = model.prior_scale
-    as_t = lambda a: torch.as_tensor(a, dtype=ref.dtype, device=ref.device)  # noqa: E731
-    return as_t(x_arr), as_t(y_arr)
+    ref: Tensor = model.prior_scale  # type: ignore[assignment]
+    return (
+        torch.as_tensor(x_arr, dtype=ref.dtype, device=ref.device),
+        torch.as_tensor(y_arr, dtype=ref.dtype, device=ref.device),
+    )
 
 
 def _check_draws(num_draws: int) -> None:
@@ -330,7 +332,7 @@ def variational_khat(
             # zero-density Delta sites (low-rank guides).
             log_q[s] = trace.log_prob_sum()
             for name in draws:
-                draws[name].append(trace.nodes[name]["value"])
+                draws[name].append(cast(Tensor, trace.nodes[name]["value"]))
     weights = {name: torch.stack(v) for name, v in draws.items()}
     log_prior = sum(model.prior(name).log_prob(w) for name, w in weights.items())
     log_lik = pointwise_log_likelihood(model, x, yt, weights).sum(1)
