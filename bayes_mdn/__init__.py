@@ -2,7 +2,7 @@
 
 from .datasets import inverse_sine_log_density, make_inverse_sine
 from .estimator import BayesianMDN
-from .fit import FitConfig, FitHistory, fit_svi
+from .fit import FitConfig, FitHistory, fit_nuts, fit_svi
 from .guides import make_guide
 from .model import MixtureDensityModel
 from .nets import MixtureDensityNetwork, MixtureParams
@@ -17,6 +17,7 @@ __all__ = [
     "MixtureDensityNetwork",
     "MixtureParams",
     "__version__",
+    "fit_nuts",
     "fit_svi",
     "inverse_sine_log_density",
     "make_guide",
