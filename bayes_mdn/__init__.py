@@ -7,7 +7,7 @@ from .datasets import (
     noisy_ring_log_density,
 )
 from .estimator import BayesianMDN
-from .fit import FitConfig, FitHistory, fit_svi
+from .fit import FitConfig, FitHistory, fit_nuts, fit_svi
 from .guides import make_guide
 from .io import ModelFileError, load
 from .model import MixtureDensityModel
@@ -24,6 +24,7 @@ __all__ = [
     "MixtureParams",
     "ModelFileError",
     "__version__",
+    "fit_nuts",
     "fit_svi",
     "inverse_sine_log_density",
     "load",
