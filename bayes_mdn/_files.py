@@ -26,6 +26,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        # mkstemp creates files readable by their owner only; give the usual permissions.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -38,3 +40,9 @@ def write_json(path: str | os.PathLike[str], data: Any) -> None:
     text = json.dumps(data, indent=2, allow_nan=False, sort_keys=False)
     with atomic_path(path) as tmp:
         tmp.write_text(text + "\n")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
