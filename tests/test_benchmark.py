@@ -1,0 +1,63 @@
+"""Smoke test of scripts/benchmark.py at tiny sizes: every section, finite numbers."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _numbers(obj):
+    if isinstance(obj, dict):
+        for value in obj.values():
+            yield from _numbers(value)
+    elif isinstance(obj, list):
+        for value in obj:
+            yield from _numbers(value)
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        yield obj
+
+
+def test_quick_benchmark_writes_every_section(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert {"meta", "step", "target", "predictive", "scaling"} <= result.keys()
+    assert len(result["step"]) == 5
+    assert all(r["ms_per_step"] > 0 and r["ratio"] > 0 for r in result["step"])
+    assert result["target"]["target_nll"] > result["target"]["oracle_nll"]
+    assert all(r["best_test_nll"] > 0 for r in result["target"]["rows"])
+    for row in result["predictive"]:
+        assert row["draws_x_points_per_second"] > 0 and row["peak_rss_mb"] > 0
+    scaling = result["scaling"]
+    assert scaling["by_rows"] and scaling["by_components"]
+    assert all(r["seconds_per_epoch"] > 0 for r in scaling["by_rows"] + scaling["by_components"])
+    assert all(math.isfinite(v) for v in _numbers(result))
+    markdown = out.with_suffix(".md").read_text()
+    assert "| MAP (bayesian=last, delta) |" in markdown and "## Scaling" in markdown
+
+
+def test_benchmark_help_and_bad_section(capsys):
+    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    with pytest.raises(SystemExit) as ok:
+        benchmark.main(["--help"])
+    assert ok.value.code == 0 and "--quick" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as bad:
+        benchmark.main(["--sections", "steps"])
+    assert bad.value.code == 2 and "--sections" in capsys.readouterr().err

@@ -1,0 +1,101 @@
+"""The fused MAP objective equals Trace_ELBO: same loss value and same gradients."""
+
+import pytest
+import torch
+from pyro.infer import Trace_ELBO
+
+from bayes_mdn._utils import pyro_scope
+from bayes_mdn.fit import FitConfig, MapLoss, _make_loss, fit_svi
+from bayes_mdn.guides import make_guide
+from bayes_mdn.model import MixtureDensityModel
+from bayes_mdn.nets import MixtureDensityNetwork
+
+
+def _problem(bayesian: str, covariance: str = "diagonal", d_y: int = 1):
+    torch.manual_seed(0)
+    x = torch.randn(40, 2, dtype=torch.float64)
+    y = torch.randn(40, d_y, dtype=torch.float64) + x[:, :1]
+    net = MixtureDensityNetwork(2, d_y, 3, hidden=(8, 8), covariance=covariance).double()
+    model = MixtureDensityModel(
+        net,
+        bayesian=bayesian,
+        prior_scale=0.7,
+        x_loc=x.mean(0),
+        x_scale=x.std(0),
+        y_loc=y.mean(0),
+        y_scale=y.std(0),
+    )
+    return model, make_guide(model, "delta"), x, y
+
+
+@pytest.mark.parametrize(
+    ("bayesian", "covariance", "d_y"),
+    [("none", "diagonal", 1), ("last", "diagonal", 1), ("all", "diagonal", 1), ("all", "full", 2)],
+)
+@pytest.mark.parametrize("subsampled", [False, True])
+def test_map_loss_matches_trace_elbo(bayesian, covariance, d_y, subsampled):
+    model, guide, x, y = _problem(bayesian, covariance, d_y)
+    idx = torch.arange(5, 17)
+    kwargs = {"subsample": idx, "n_total": 40} if subsampled else {}
+    xb, yb = (x[idx], y[idx]) if subsampled else (x, y)
+    with pyro_scope():
+        fused = MapLoss(model, guide)
+        value = fused(xb, yb, **kwargs)
+        reference = Trace_ELBO(max_plate_nesting=1)(model, guide)
+        expected = reference(xb, yb, **kwargs)
+    params = [p for p in reference.parameters() if p.requires_grad]
+    assert [id(p) for p in fused.parameters() if p.requires_grad] == [id(p) for p in params]
+    assert fused.state_dict().keys() == reference.state_dict().keys()
+    grads = torch.autograd.grad(value, params)
+    expected_grads = torch.autograd.grad(expected, params)
+    torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-9)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_map_loss_includes_prior():
+    # The prior term is what separates MAP from maximum likelihood: a smaller prior scale
+    # must raise the loss of the same weights.
+    model, guide, x, y = _problem("last")
+    with pyro_scope():
+        loss = MapLoss(model, guide)
+        before = loss(x, y).item()
+        for name in model.latent_names:
+            getattr(model, model._prior_names[name]).mul_(0.1)
+        assert loss(x, y).item() > before
+
+
+def test_make_loss_picks_by_guide():
+    model, guide, x, y = _problem("last")
+    assert isinstance(_make_loss(model, guide, FitConfig()), MapLoss)
+    normal = make_guide(model, "normal")
+    assert not isinstance(_make_loss(model, normal, FitConfig()), MapLoss)
+    with pytest.raises(TypeError, match="deterministic guide"):
+        MapLoss(model, normal)
+
+
+def test_fit_with_map_loss_matches_trace_elbo_fit(monkeypatch):
+    # A short fit through the fused loss follows the Trace_ELBO fit step for step.
+    import bayes_mdn.fit as fit_module
+
+    config = FitConfig(epochs=3, batch_size=16, val_fraction=0.2, progress=False, device="cpu")
+    model, guide, x, y = _problem("last")
+    fit_svi(model, guide, x, y, config)
+    fused_state = {k: v.clone() for k, v in guide.state_dict().items()}
+
+    def trace_loss(model, guide, config):
+        return Trace_ELBO(max_plate_nesting=1)(model, guide)
+
+    monkeypatch.setattr(fit_module, "_make_loss", trace_loss)
+    model, guide, x, y = _problem("last")
+    fit_svi(model, guide, x, y, config)
+    for key, value in guide.state_dict().items():
+        torch.testing.assert_close(fused_state[key], value, rtol=1e-8, atol=1e-10)
+
+
+def test_log_prior_matches_prior_distributions():
+    model, guide, x, y = _problem("all")
+    weights = {n: torch.randn(s, dtype=torch.float64) for n, s in model.latent_shapes.items()}
+    expected = sum(model.prior(n).log_prob(w) for n, w in weights.items())
+    torch.testing.assert_close(model.log_prior(weights), expected, rtol=1e-12, atol=1e-10)
+    assert model.log_prior({}).item() == 0.0
