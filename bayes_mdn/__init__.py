@@ -4,6 +4,7 @@ from .datasets import inverse_sine_log_density, make_inverse_sine
 from .estimator import BayesianMDN
 from .fit import FitConfig, FitHistory, fit_svi
 from .guides import make_guide
+from .io import ModelFileError, load
 from .model import MixtureDensityModel
 from .nets import MixtureDensityNetwork, MixtureParams
 
@@ -16,9 +17,11 @@ __all__ = [
     "MixtureDensityModel",
     "MixtureDensityNetwork",
     "MixtureParams",
+    "ModelFileError",
     "__version__",
     "fit_svi",
     "inverse_sine_log_density",
+    "load",
     "make_guide",
     "make_inverse_sine",
 ]

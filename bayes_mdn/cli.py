@@ -20,6 +20,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _device(text: str) -> str:
+    # Checked while parsing, so a typo fails at once instead of after the first fit.
+    from ._utils import resolve_device
+
+    try:
+        resolve_device(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bayes-mdn",
@@ -42,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-test", type=_positive_int, default=20000, help="fresh test points")
     demo.add_argument("--epochs", type=_positive_int, default=300, help="maximum epochs")
     demo.add_argument("--seed", type=int, default=0, help="seed of data and fits")
-    demo.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    demo.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     for verb, (help_text, description, add_arguments, _) in VERBS.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -13,7 +14,7 @@ from torch import Tensor
 from . import predict as _predict
 from ._utils import resolve_device, seeded
 from ._validation import as_2d_float
-from .fit import FitConfig, FitHistory, fit_svi
+from .fit import FitConfig, FitHistory, check_checkpoint_args, fit_svi
 from .guides import GUIDES, make_guide
 from .model import BAYESIAN_LAYERS, MixtureDensityModel
 from .nets import ACTIVATIONS, COVARIANCES, MixtureDensityNetwork, MixtureParams
@@ -61,6 +62,15 @@ class BayesianMDN:
         posterior draws of every prediction. None gives fresh randomness each time.
     progress : bool
         Show a progress bar while fitting.
+    checkpoint : str, os.PathLike or None
+        File where ``fit`` writes a checkpoint of the SVI loop (atomically), so that an
+        interrupted fit can continue; None writes none.
+    checkpoint_every : int
+        Epochs between checkpoints (the last epoch is always written).
+    resume : bool
+        Continue from ``checkpoint`` when the file exists, ending at the same parameters
+        as an uninterrupted fit; the checkpoint's settings and data must match. See
+        :func:`bayes_mdn.fit.fit_svi`.
 
     Attributes
     ----------
@@ -69,6 +79,13 @@ class BayesianMDN:
     history_ : FitHistory
     n_features_in_ : int
     n_outputs_ : int
+
+    Notes
+    -----
+    Inputs and targets are standardized inside the model, so targets in any units (say
+    scaled by 1e-6 or 1e6) fit alike and densities come back in the user's units. A
+    constant target column has no density and raises ``ValueError`` in ``fit``. A fitted
+    estimator is saved with :meth:`save` and read back with :func:`bayes_mdn.load`.
 
     Examples
     --------
@@ -106,6 +123,9 @@ class BayesianMDN:
         device: str = "auto",
         seed: int | None = 0,
         progress: bool = True,
+        checkpoint: str | os.PathLike[str] | None = None,
+        checkpoint_every: int = 10,
+        resume: bool = False,
     ) -> None:
         self.n_components = n_components
         self.hidden = hidden
@@ -132,6 +152,9 @@ class BayesianMDN:
         self.device = device
         self.seed = seed
         self.progress = progress
+        self.checkpoint = checkpoint
+        self.checkpoint_every = checkpoint_every
+        self.resume = resume
 
     # -- scikit-learn protocol -------------------------------------------------------
     @classmethod
@@ -193,6 +216,7 @@ class BayesianMDN:
             )
         if not isinstance(self.num_draws, int) or self.num_draws < 1:
             raise ValueError(f"num_draws must be an integer >= 1, got {self.num_draws!r}")
+        check_checkpoint_args(self.checkpoint, self.checkpoint_every, self.resume)
         return FitConfig(
             epochs=self.epochs,
             batch_size=self.batch_size,
@@ -264,13 +288,30 @@ class BayesianMDN:
             y_scale=yt.std(0),
         )
         guide = make_guide(model, self.guide, init_scale=float(self.init_scale), rank=self.rank)
-        self.history_: FitHistory = fit_svi(model, guide, x, yt, config)
+        self.history_: FitHistory = fit_svi(
+            model,
+            guide,
+            x,
+            yt,
+            config,
+            checkpoint=self.checkpoint,
+            checkpoint_every=self.checkpoint_every,
+            resume=self.resume,
+        )
         self.model_ = model
         self.guide_ = guide
         self.n_features_in_ = x.shape[1]
         self.n_outputs_ = yt.shape[1]
         self._y_1d = y_1d
         return self
+
+    # -- persistence -----------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write this fitted estimator to ``path`` atomically; read it with
+        :func:`bayes_mdn.load`. See :func:`bayes_mdn.io.save`."""
+        from .io import save
+
+        save(self, path)
 
     # -- prediction ------------------------------------------------------------------
     def _check_fitted(self) -> None:

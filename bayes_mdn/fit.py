@@ -9,8 +9,11 @@ stopping on the held-out log predictive density that restores the best state.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
+import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -18,11 +21,12 @@ import torch
 from pyro.infer import JitTrace_ELBO, Trace_ELBO
 from torch import Tensor, nn
 
+from ._archive import read_archive, write_archive
 from ._utils import pyro_scope, resolve_device, seeded
 from .guides import draw_latents, is_deterministic
 from .model import MixtureDensityModel
 
-__all__ = ["LR_SCHEDULES", "FitConfig", "FitHistory", "fit_svi"]
+__all__ = ["LR_SCHEDULES", "FitConfig", "FitHistory", "check_checkpoint_args", "fit_svi"]
 
 LR_SCHEDULES = ("onecycle", "cosine", "constant")
 
@@ -159,6 +163,10 @@ def fit_svi(
     x: Tensor,
     y: Tensor,
     config: FitConfig = FitConfig(),
+    *,
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 10,
+    resume: bool = False,
 ) -> FitHistory:
     """Fit ``guide`` (and the model's point-estimated weights) to (x, y) by SVI.
 
@@ -169,6 +177,15 @@ def fit_svi(
     x : Tensor of shape (n, d_x)
     y : Tensor of shape (n, d_y)
     config : FitConfig
+    checkpoint : file for checkpoints of the loop, written atomically every
+        ``checkpoint_every`` epochs and after the last one: model and guide state,
+        optimizer, learning-rate schedule, random state, epoch, history, best state and
+        early-stopping counters. None writes none.
+    checkpoint_every : epochs between checkpoints
+    resume : continue from ``checkpoint`` when that file exists (else start afresh). The
+        resumed fit ends at the same parameters as an uninterrupted one (bit-identical on
+        the CPU). The checkpoint must come from the same settings (``progress`` aside)
+        and the same data, else ``ValueError`` names what differs.
 
     Returns
     -------
@@ -181,9 +198,11 @@ def fit_svi(
         When the loss stops being finite. The last finite state is restored first,
         so no NaN parameters are left behind.
     """
+    check_checkpoint_args(checkpoint, checkpoint_every, resume)
     device = x.device
     history = FitHistory()
     start = time.perf_counter()
+    digest = _data_digest(x, y) if checkpoint is not None else ""
     with pyro_scope(), seeded(config.seed, device):
         train_idx, val_idx = split_indices(len(x), config.val_fraction, config.seed)
         train_idx, val_idx = train_idx.to(device), val_idx.to(device)
@@ -210,7 +229,16 @@ def fit_svi(
         best_score = math.inf
         best_state = copy.deepcopy(loss_fn.state_dict())
         stale = 0
-        bar = _progress(config)
+        first_epoch = 0
+        if resume and os.path.exists(checkpoint):  # type: ignore[arg-type]
+            saved = _read_checkpoint(checkpoint, config, digest)  # type: ignore[arg-type]
+            first_epoch, best_score, stale, best_state, history = _restore_loop(
+                saved, loss_fn, optimizer, scheduler, device
+            )
+            if history.stopped_early:
+                first_epoch = config.epochs
+        elapsed = history.seconds
+        bar = _progress(config, first_epoch)
         for epoch in bar:
             perm = torch.randperm(n, device=device)
             losses = torch.empty(steps_per_epoch, device=device)
@@ -226,14 +254,22 @@ def fit_svi(
                 losses[step] = loss.detach()
             history.steps += steps_per_epoch
             epoch_loss = (losses.mean() / n).item()
-            if not math.isfinite(epoch_loss):
-                bad = int((~torch.isfinite(losses)).nonzero()[0])
+            # The loss of a step is taken before its update, so a finite loss can still
+            # leave non-finite parameters behind: check both before keeping any state.
+            if not (math.isfinite(epoch_loss) and _all_finite(params)):
+                finite = torch.isfinite(losses)
+                bad = int((~finite).nonzero()[0]) if not finite.all() else steps_per_epoch - 1
+                what = (
+                    "the parameters became non-finite"
+                    if finite.all()
+                    else f"the loss became {losses[bad].item()}"
+                )
                 loss_fn.load_state_dict(best_state)
                 raise FloatingPointError(
-                    f"the loss became {losses[bad].item()} at step "
-                    f"{epoch * steps_per_epoch + bad} (epoch {epoch}); the last finite state "
-                    f"was restored. Likely causes: a learning rate too high (lr={config.lr}), "
-                    "extreme or badly scaled data, or min_scale too small for the data"
+                    f"{what} at step {epoch * steps_per_epoch + bad} (epoch {epoch}); the "
+                    "last finite state was restored. Likely causes: a learning rate too high "
+                    f"(lr={config.lr}), extreme or badly scaled data, or min_scale too small "
+                    "for the data"
                 )
             history.train_loss.append(epoch_loss)
             if len(val_idx):
@@ -248,18 +284,176 @@ def fit_svi(
                 bar.set_postfix(loss=f"{epoch_loss:.4f}", val=f"{score:.4f}")
                 if config.patience is not None and stale >= config.patience:
                     history.stopped_early = True
-                    break
             else:
                 # Without a validation split the last finite state is the one kept.
                 best_state = copy.deepcopy(loss_fn.state_dict())
                 history.best_epoch = epoch
                 bar.set_postfix(loss=f"{epoch_loss:.4f}")
+            if checkpoint is not None and (
+                (epoch + 1) % checkpoint_every == 0
+                or epoch + 1 == config.epochs
+                or history.stopped_early
+            ):
+                history.seconds = elapsed + time.perf_counter() - start
+                _write_checkpoint(
+                    checkpoint,
+                    epoch + 1,
+                    config,
+                    digest,
+                    loss_fn,
+                    optimizer,
+                    scheduler,
+                    history,
+                    best_state,
+                    best_score,
+                    stale,
+                    device,
+                )
+            if history.stopped_early:
+                break
         loss_fn.load_state_dict(best_state)
-    history.seconds = time.perf_counter() - start
+    history.seconds = elapsed + time.perf_counter() - start
     return history
 
 
-def _progress(config: FitConfig):
+def _progress(config: FitConfig, first_epoch: int = 0):
     from tqdm.auto import tqdm
 
-    return tqdm(range(config.epochs), disable=not config.progress, desc="fit", unit="epoch")
+    return tqdm(
+        range(first_epoch, config.epochs),
+        initial=first_epoch,
+        total=config.epochs,
+        disable=not config.progress,
+        desc="fit",
+        unit="epoch",
+    )
+
+
+# -- checkpoints ---------------------------------------------------------------------------
+CHECKPOINT_VERSION = 1
+_CHECKPOINT_KIND = "checkpoint"
+# Settings that leave every number of a fit unchanged, so a resume may change them.
+_RESUME_FREE = ("progress",)
+
+
+def check_checkpoint_args(checkpoint: object, checkpoint_every: object, resume: object) -> None:
+    """Eager checks of the checkpoint arguments of :func:`fit_svi`."""
+    if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
+        raise TypeError(
+            f"checkpoint must be None, a str or os.PathLike, got {type(checkpoint).__name__}"
+        )
+    if (
+        not isinstance(checkpoint_every, int)
+        or isinstance(checkpoint_every, bool)
+        or checkpoint_every < 1
+    ):
+        raise ValueError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
+    if not isinstance(resume, bool):
+        raise TypeError(f"resume must be True or False, got {resume!r}")
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs a checkpoint file to resume from, got checkpoint=None")
+
+
+def _all_finite(params: Sequence[Tensor]) -> bool:
+    return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+
+
+def _data_digest(x: Tensor, y: Tensor) -> str:
+    """Fingerprint of the data, so that a checkpoint is never resumed on other data."""
+    h = hashlib.sha256()
+    for t in (x, y):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _resume_config(config: FitConfig) -> dict:
+    return {k: v for k, v in config.to_dict().items() if k not in _RESUME_FREE}
+
+
+def _write_checkpoint(
+    path: str | os.PathLike[str],
+    next_epoch: int,
+    config: FitConfig,
+    digest: str,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    history: FitHistory,
+    best_state: dict,
+    best_score: float,
+    stale: int,
+    device: torch.device,
+) -> None:
+    # The random state inside fit_svi's seeded scope: the next epoch's shuffle and
+    # particle draws continue from exactly here after a resume.
+    rng = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    write_archive(
+        path,
+        _CHECKPOINT_KIND,
+        CHECKPOINT_VERSION,
+        {
+            "config": _resume_config(config),
+            "data": digest,
+            "epoch": next_epoch,
+            "state": dict(loss_fn.state_dict()),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng,
+            "history": history.to_dict(),
+            "best_state": dict(best_state),
+            "best_score": best_score,
+            "stale": stale,
+        },
+    )
+
+
+def _read_checkpoint(path: str | os.PathLike[str], config: FitConfig, digest: str) -> dict:
+    saved = read_archive(path, _CHECKPOINT_KIND, CHECKPOINT_VERSION)
+    now = _resume_config(config)
+    differ = sorted(
+        k for k in saved["config"].keys() | now.keys() if saved["config"].get(k) != now.get(k)
+    )
+    if differ:
+        detail = "; ".join(
+            f"{k}: checkpoint {saved['config'].get(k)!r}, now {now.get(k)!r}" for k in differ
+        )
+        raise ValueError(
+            f"cannot resume from {os.fspath(path)!r}: it was written with other settings "
+            f"({detail}); resume with the same settings or start a new checkpoint"
+        )
+    if saved["data"] != digest:
+        raise ValueError(
+            f"cannot resume from {os.fspath(path)!r}: it was written for other data "
+            "(x or y differ); resume with the same data or start a new checkpoint"
+        )
+    return saved
+
+
+def _restore_loop(
+    saved: dict,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    device: torch.device,
+) -> tuple[int, float, int, dict, FitHistory]:
+    """Put a checkpoint's loop state back; returns (first epoch, best score, stale
+    epochs, best state, history)."""
+    loss_fn.load_state_dict(saved["state"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["rng"]["cpu"])
+    if device.type == "cuda" and "cuda" in saved["rng"]:
+        torch.cuda.set_rng_state(saved["rng"]["cuda"], device)
+    best_state = {k: v.to(device) for k, v in saved["best_state"].items()}
+    history = FitHistory(**saved["history"])
+    return (
+        int(saved["epoch"]),
+        float(saved["best_score"]),
+        int(saved["stale"]),
+        best_state,
+        history,
+    )
