@@ -95,7 +95,7 @@ def _add_fit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=500, help="mini-batch size")
     p.add_argument("--lr", type=float, default=1e-2, help="peak learning rate")
     p.add_argument("--seed", type=int, default=0, help="seed of the fit")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -112,7 +112,7 @@ def _add_predict_arguments(p: argparse.ArgumentParser) -> None:
         help="write this many posterior-predictive draws per row instead of summaries",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the posterior draws")
-    p.add_argument("--device", default="cpu", help="where to load the model")
+    p.add_argument("--device", type=_device, default="cpu", help="where to load the model")
 
 
 def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
@@ -123,7 +123,7 @@ def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder for metrics.json and figures")
     p.add_argument("--levels", type=_levels, default=(0.5, 0.9), help="interval levels")
     p.add_argument("--seed", type=int, default=0, help="seed of the posterior draws")
-    p.add_argument("--device", default="cpu", help="where to load the model")
+    p.add_argument("--device", type=_device, default="cpu", help="where to load the model")
 
 
 def _run_fit(args: argparse.Namespace) -> int:
@@ -216,7 +216,7 @@ VERBS = {
 def _run(name: str, handler: Any, args: argparse.Namespace) -> int:
     try:
         return handler(args)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, OSError) as err:
         print(f"{name}: error: {err}", file=sys.stderr)
         return 2
 
