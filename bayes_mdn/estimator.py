@@ -12,16 +12,17 @@ import torch
 from torch import Tensor
 
 from . import predict as _predict
-from ._utils import resolve_device, seeded
+from ._utils import pyro_scope, resolve_device, seeded
 from ._validation import as_2d_float
-from .fit import FitConfig, FitHistory, check_checkpoint_args, fit_svi
-from .guides import GUIDES, make_guide
+from .fit import FitConfig, FitHistory, check_checkpoint_args, fit_nuts, fit_svi
+from .guides import GUIDES, EmpiricalGuide, make_guide
 from .model import BAYESIAN_LAYERS, MixtureDensityModel
 from .nets import ACTIVATIONS, COVARIANCES, MixtureDensityNetwork, MixtureParams
 
 __all__ = ["BayesianMDN"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+METHODS = ("svi", "nuts")
 
 
 class BayesianMDN:
@@ -71,6 +72,15 @@ class BayesianMDN:
         Continue from ``checkpoint`` when the file exists, ending at the same parameters
         as an uninterrupted fit; the checkpoint's settings and data must match. See
         :func:`bayes_mdn.fit.fit_svi`.
+    num_chains, nuts_warmup, nuts_samples, max_tree_depth :
+        The NUTS run of ``method="nuts"``: independent chains (run one after another),
+        adaptation steps and kept draws per chain, and the tree depth cap. See
+        :func:`bayes_mdn.fit.fit_nuts` for what they cost.
+    method : {"svi", "nuts"}
+        ``"svi"``: the guide is the posterior. ``"nuts"``: SVI first fits the point-estimated
+        layers and gives a starting point, then NUTS samples the latent weights and
+        ``guide_`` becomes an :class:`~bayes_mdn.guides.EmpiricalGuide` over those draws,
+        so every prediction method works unchanged. Slow: a reference for small problems.
 
     Attributes
     ----------
@@ -79,6 +89,8 @@ class BayesianMDN:
     history_ : FitHistory
     n_features_in_ : int
     n_outputs_ : int
+    nuts_info_ : dict
+        Only after ``method="nuts"``: divergences per chain, seconds and settings.
 
     Notes
     -----
@@ -126,6 +138,11 @@ class BayesianMDN:
         checkpoint: str | os.PathLike[str] | None = None,
         checkpoint_every: int = 10,
         resume: bool = False,
+        num_chains: int = 2,
+        nuts_warmup: int = 200,
+        nuts_samples: int = 200,
+        max_tree_depth: int = 5,
+        method: Literal["svi", "nuts"] = "svi",
     ) -> None:
         self.n_components = n_components
         self.hidden = hidden
@@ -155,6 +172,11 @@ class BayesianMDN:
         self.checkpoint = checkpoint
         self.checkpoint_every = checkpoint_every
         self.resume = resume
+        self.num_chains = num_chains
+        self.nuts_warmup = nuts_warmup
+        self.nuts_samples = nuts_samples
+        self.max_tree_depth = max_tree_depth
+        self.method = method
 
     # -- scikit-learn protocol -------------------------------------------------------
     @classmethod
@@ -217,6 +239,18 @@ class BayesianMDN:
         if not isinstance(self.num_draws, int) or self.num_draws < 1:
             raise ValueError(f"num_draws must be an integer >= 1, got {self.num_draws!r}")
         check_checkpoint_args(self.checkpoint, self.checkpoint_every, self.resume)
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.method == "nuts":
+            if self.bayesian == "none":
+                raise ValueError(
+                    "method='nuts' samples latent weights, but bayesian='none' has none: "
+                    "use bayesian='last' or 'all'"
+                )
+            for name in ("num_chains", "nuts_warmup", "nuts_samples", "max_tree_depth"):
+                value = getattr(self, name)
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         return FitConfig(
             epochs=self.epochs,
             batch_size=self.batch_size,
@@ -298,6 +332,22 @@ class BayesianMDN:
             checkpoint_every=self.checkpoint_every,
             resume=self.resume,
         )
+        if self.method == "nuts":
+            with pyro_scope(), torch.no_grad():
+                start = {k: v.detach() for k, v in guide.median().items()}
+            samples, self.nuts_info_ = fit_nuts(
+                model,
+                x,
+                yt,
+                num_samples=self.nuts_samples,
+                warmup_steps=self.nuts_warmup,
+                num_chains=self.num_chains,
+                max_tree_depth=self.max_tree_depth,
+                seed=self.seed,
+                init_values=start,
+                progress=self.progress,
+            )
+            guide = EmpiricalGuide(samples)
         self.model_ = model
         self.guide_ = guide
         self.n_features_in_ = x.shape[1]
@@ -449,6 +499,16 @@ class BayesianMDN:
             self.model_, self.guide_, x, self._draws(num_draws), self._seed(seed)
         )
         return {k: self._out(v) for k, v in parts.items()}
+
+    def to_inference_data(self, X: Any, y: Any, num_draws: int | None = None) -> Any:
+        """ArviZ InferenceData of this fit on (X, y): posterior, posterior_predictive,
+        pointwise log_likelihood, observed and constant data.
+
+        See :func:`bayes_mdn.diagnostics.to_inference_data`.
+        """
+        from .diagnostics import to_inference_data
+
+        return to_inference_data(self, X, y, num_draws=num_draws)
 
 
 def _same(a: object, b: object) -> bool:

@@ -17,7 +17,14 @@ from torch import nn
 from ._utils import pyro_scope
 from .model import MixtureDensityModel
 
-__all__ = ["GUIDES", "PointGuide", "draw_latents", "is_deterministic", "make_guide"]
+__all__ = [
+    "GUIDES",
+    "EmpiricalGuide",
+    "PointGuide",
+    "draw_latents",
+    "is_deterministic",
+    "make_guide",
+]
 
 GUIDES = ("delta", "normal", "lowrank")
 
@@ -29,6 +36,55 @@ class PointGuide(nn.Module):
 
     def forward(self, *args: object, **kwargs: object) -> dict[str, torch.Tensor]:
         return {}
+
+
+class EmpiricalGuide(nn.Module):
+    """A posterior held as stored draws (from MCMC), usable wherever a guide is.
+
+    Parameters
+    ----------
+    samples : dict from site name to Tensor of shape (num_chains, num_samples, *site_shape)
+
+    Notes
+    -----
+    The draws are kept as buffers, so ``.to(device)`` moves them. :func:`draw_latents`
+    resamples them: without replacement when fewer draws than stored are asked for,
+    with replacement otherwise, using torch's random generator (so ``seeded`` applies).
+    """
+
+    def __init__(self, samples: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        if not samples:
+            raise ValueError("samples must hold at least one latent site, got an empty dict")
+        shapes = {name: tuple(v.shape[:2]) for name, v in samples.items()}
+        if len(set(shapes.values())) != 1 or any(v.dim() < 2 for v in samples.values()):
+            raise ValueError(
+                f"every site must have shape (num_chains, num_samples, ...), got {shapes}"
+            )
+        self.num_chains, self.num_samples = next(iter(shapes.values()))
+        self._names = {}
+        for i, (name, value) in enumerate(samples.items()):
+            self._names[name] = f"_draws_{i}"
+            self.register_buffer(self._names[name], value.detach().clone())
+
+    @property
+    def samples(self) -> dict[str, torch.Tensor]:
+        """The stored draws, {site: (num_chains, num_samples, *site_shape)}."""
+        return {name: getattr(self, buf) for name, buf in self._names.items()}
+
+    def draw(self, num_draws: int) -> dict[str, torch.Tensor]:
+        """``num_draws`` stored joint draws, {site: (num_draws, *site_shape)}."""
+        flat = {name: v.flatten(0, 1) for name, v in self.samples.items()}
+        total = self.num_chains * self.num_samples
+        ref = next(iter(flat.values()))
+        if num_draws <= total:
+            idx = torch.randperm(total, device=ref.device)[:num_draws]
+        else:
+            idx = torch.randint(total, (num_draws,), device=ref.device)
+        return {name: v[idx] for name, v in flat.items()}
+
+    def forward(self, *args: object, **kwargs: object) -> dict[str, torch.Tensor]:
+        return {name: v[0] for name, v in self.draw(1).items()}
 
 
 def make_guide(
@@ -99,6 +155,8 @@ def draw_latents(guide: nn.Module, num_draws: int) -> dict[str, torch.Tensor]:
     """
     if isinstance(guide, PointGuide):
         return {}
+    if isinstance(guide, EmpiricalGuide):
+        return guide.draw(num_draws)
     with pyro.plate("_draws", num_draws, dim=-2):
         values = guide()
     return {

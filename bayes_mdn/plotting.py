@@ -16,9 +16,14 @@ if TYPE_CHECKING:
     from .fit import FitHistory
 
 __all__ = [
+    "plot_conditional_density",
+    "plot_coverage",
     "plot_data",
     "plot_loss",
     "plot_mixture_at",
+    "plot_pareto_k",
+    "plot_pit",
+    "plot_ppc",
     "plot_predictive_samples",
     "plot_regression_fit",
 ]
@@ -143,4 +148,177 @@ def plot_loss(history: FitHistory, ax: Axes | None = None) -> Axes:
     ax.set_xlabel("epoch")
     ax.set_ylabel("nats per point")
     ax.legend()
+    return ax
+
+
+def plot_conditional_density(
+    model: BayesianMDN,
+    X: Any | None = None,
+    y: Any | None = None,
+    ax: Axes | None = None,
+    x_range: tuple[float, float] | None = None,
+    y_range: tuple[float, float] | None = None,
+    resolution: int = 150,
+    num_draws: int | None = 20,
+) -> Axes:
+    """Heatmap of the predictive density p(y | x) over a grid, with the data over it.
+
+    Parameters
+    ----------
+    model : fitted BayesianMDN with one input and one output
+    X, y : optional data, shapes (n, 1) or (n,) and (n,); also set the default ranges
+    x_range, y_range : grid limits; default the data's range (padded by 5 %), else the
+        predictive's 0.5 % to 99.5 % quantiles over x in [-1, 1]
+    resolution : grid points per axis
+    num_draws : posterior draws pooled into the predictive at each x
+    """
+    import torch
+
+    from . import mixtures
+
+    ax = _axes(ax)
+
+    def span(values: Any) -> tuple[float, float]:
+        lo, hi = float(np.min(values)), float(np.max(values))
+        pad = 0.05 * (hi - lo or 1.0)
+        return lo - pad, hi + pad
+
+    if x_range is None:
+        x_range = span(X) if X is not None else (-1.0, 1.0)
+    grid_x = np.linspace(*x_range, resolution)
+    if y_range is None:
+        if y is not None:
+            y_range = span(y)
+        else:
+            bounds = model.predict_quantiles(grid_x.reshape(-1, 1), [0.005, 0.995])
+            y_range = float(np.min(bounds)), float(np.max(bounds))
+    grid_y = np.linspace(*y_range, resolution)
+    mix = model.predictive_mixture(grid_x.reshape(-1, 1), num_draws=num_draws)
+    yt = torch.as_tensor(grid_y, dtype=mix.loc.dtype, device=mix.loc.device)
+    # Broadcast every y of the grid against every x's mixture: (grid_y, grid_x).
+    with torch.no_grad():
+        dens = mixtures.log_prob(mix, yt.reshape(-1, 1, 1)).exp().cpu().numpy()
+    mesh = ax.pcolormesh(grid_x, grid_y, dens, shading="auto", cmap="viridis")
+    ax.figure.colorbar(mesh, ax=ax, label="p(y | x)")
+    if X is not None and y is not None:
+        ax.scatter(
+            np.asarray(X).reshape(-1),
+            np.asarray(y).reshape(-1),
+            s=2,
+            color="white",
+            alpha=0.4,
+            label="data",
+        )
+        ax.legend(loc="upper left", markerscale=4)
+    ax.set_xlim(*x_range)
+    ax.set_ylim(*y_range)
+    ax.set_xlabel("x")
+    ax.set_ylabel("y")
+    return ax
+
+
+def plot_ppc(
+    y: Any, y_draws: Any, ax: Axes | None = None, num_lines: int = 50, bins: int = 40
+) -> Axes:
+    """Posterior predictive check: densities of replicated data sets against the observed one.
+
+    Parameters
+    ----------
+    y : array of shape (n,), observed targets (one output)
+    y_draws : array of shape (S, n), one replicated data set per posterior draw
+    num_lines : replicated data sets drawn (the first ones)
+    bins : histogram bins shared by all curves
+    """
+    ax = _axes(ax)
+    obs = np.asarray(y, dtype=float).reshape(-1)
+    reps = np.asarray(y_draws, dtype=float)
+    if reps.ndim != 2 or reps.shape[1] != obs.size:
+        raise ValueError(
+            f"y_draws must have shape (S, {obs.size}) for y of {obs.size} points, got {reps.shape}"
+        )
+    edges = np.histogram_bin_edges(np.concatenate([obs, reps[:num_lines].ravel()]), bins=bins)
+    centers = (edges[:-1] + edges[1:]) / 2
+    for i, rep in enumerate(reps[:num_lines]):
+        dens, _ = np.histogram(rep, bins=edges, density=True)
+        ax.plot(
+            centers,
+            dens,
+            color="tab:orange",
+            alpha=0.15,
+            lw=0.8,
+            label="replicated data" if i == 0 else None,
+        )
+    dens, _ = np.histogram(obs, bins=edges, density=True)
+    ax.plot(centers, dens, color="black", lw=2, label="observed")
+    ax.set_xlabel("y")
+    ax.set_ylabel("density")
+    ax.set_title("posterior predictive check")
+    ax.legend(loc="upper right")
+    return ax
+
+
+def plot_pit(
+    pit: Any, ax: Axes | None = None, label: str = "PIT", confidence: float = 0.95
+) -> Axes:
+    """ECDF of PIT values minus the uniform CDF, with a simultaneous band.
+
+    The band is the Dvoretzky-Kiefer-Wolfowitz bound sqrt(log(2 / alpha) / (2 n)): a
+    calibrated model stays inside it with probability at least ``confidence``. A curve
+    above zero in the middle means intervals too wide; an S shape, too narrow.
+    """
+    ax = _axes(ax)
+    u = np.sort(np.asarray(pit, dtype=float).reshape(-1))
+    if u.size == 0:
+        raise ValueError("pit must hold at least one value")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie strictly between 0 and 1, got {confidence!r}")
+    grid = np.linspace(0, 1, 201)
+    ecdf = np.searchsorted(u, grid, side="right") / u.size
+    eps = np.sqrt(np.log(2 / (1 - confidence)) / (2 * u.size))
+    ax.fill_between(
+        grid, -eps, eps, color="tab:gray", alpha=0.3, label=f"{confidence:.0%} band (DKW)"
+    )
+    ax.axhline(0, color="black", lw=0.8)
+    ax.plot(grid, ecdf - grid, color="tab:blue", lw=1.5, label=f"{label} ECDF - uniform")
+    ax.set_xlabel(f"{label} value")
+    ax.set_ylabel("ECDF difference")
+    ax.set_xlim(0, 1)
+    ax.legend(loc="upper right", fontsize="small")
+    return ax
+
+
+def plot_pareto_k(k: Any, ax: Axes | None = None) -> Axes:
+    """Pareto k of PSIS-LOO per point, with the 0.5 and 0.7 reliability lines."""
+    ax = _axes(ax)
+    k = np.asarray(k, dtype=float).reshape(-1)
+    colors = np.where(k > 0.7, "tab:red", np.where(k > 0.5, "tab:orange", "tab:blue"))
+    ax.scatter(np.arange(k.size), k, s=6, c=colors)
+    ax.axhline(0.5, color="tab:orange", ls="--", lw=1, label="k = 0.5")
+    ax.axhline(0.7, color="tab:red", ls="--", lw=1, label="k = 0.7")
+    ax.set_xlabel("data point")
+    ax.set_ylabel("Pareto k")
+    ax.legend(loc="upper right")
+    return ax
+
+
+def plot_coverage(levels: Any, coverage: Any, ax: Axes | None = None) -> Axes:
+    """Empirical coverage of central predictive intervals against their nominal level.
+
+    Parameters
+    ----------
+    levels : array of shape (m,), nominal levels
+    coverage : array of shape (m,) or (m, d), empirical coverage (one curve per output)
+    """
+    ax = _axes(ax)
+    lv = np.asarray(levels, dtype=float).reshape(-1)
+    cov = np.asarray(coverage, dtype=float).reshape(lv.size, -1)
+    ax.plot([0, 1], [0, 1], color="black", ls=":", lw=1, label="ideal")
+    for j in range(cov.shape[1]):
+        label = "empirical" if cov.shape[1] == 1 else f"output {j}"
+        ax.plot(lv, cov[:, j], marker="o", label=label)
+    ax.set_xlabel("nominal level")
+    ax.set_ylabel("empirical coverage")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left")
     return ax

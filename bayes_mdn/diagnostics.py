@@ -1,0 +1,605 @@
+"""Diagnostics of a fitted model through ArviZ: InferenceData, PSIS-LOO, LOO-PIT, the
+PSIS k-hat of the variational fit, calibration numbers, model comparison, reports.
+
+Every ArviZ call of the library lives in this module (ArviZ 0.x, InferenceData API), so
+that a port to ArviZ 1.x (DataTree, nested ``from_dict``) changes one file.
+
+A model with no latent weights (``bayesian="none"``) or a deterministic guide (MAP) has
+no posterior to draw from: LOO over a single draw would be meaningless, so those fits
+get the held-out log predictive density instead, and the report says so.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pyro import poutine
+from torch import Tensor, nn
+
+from . import mixtures, scores
+from ._files import atomic_path, write_json
+from ._utils import pyro_scope, seeded
+from ._validation import as_2d_float
+from .guides import EmpiricalGuide, is_deterministic
+from .model import MixtureDensityModel
+from .predict import (
+    log_predictive_density,
+    posterior_weights,
+    predictive_mixture,
+    sample_predictive,
+)
+
+with warnings.catch_warnings():
+    # ArviZ 0.x announces its 1.x refactor on import; the notice is for its maintainers' users
+    # of the new API, not for ours.
+    warnings.simplefilter("ignore", FutureWarning)
+    import arviz as az
+
+__all__ = [
+    "OBSERVED",
+    "calibration_report",
+    "compare_models",
+    "has_posterior",
+    "loo",
+    "mcmc_convergence",
+    "pointwise_log_likelihood",
+    "read_inference_data",
+    "run_diagnostics",
+    "save_inference_data",
+    "to_inference_data",
+    "variational_khat",
+]
+
+OBSERVED = "y"
+_LEVELS = (0.5, 0.8, 0.9, 0.95)
+_MAX_ELEMENTS = 2**23
+
+
+def _unpack(source: Any) -> tuple[MixtureDensityModel, nn.Module, int]:
+    """(model, guide, default number of draws) from an estimator or a (model, guide) pair."""
+    if isinstance(source, tuple) and len(source) == 2:
+        model, guide = source
+        if not isinstance(model, MixtureDensityModel) or not isinstance(guide, nn.Module):
+            raise TypeError(
+                "a (model, guide) pair must hold a MixtureDensityModel and a torch Module, got "
+                f"({type(model).__name__}, {type(guide).__name__})"
+            )
+        return model, guide, 100
+    if hasattr(source, "model_") and hasattr(source, "guide_"):
+        return source.model_, source.guide_, source.num_draws
+    if hasattr(source, "get_params"):
+        raise RuntimeError("this estimator is not fitted yet: call fit(X, y) first")
+    raise TypeError(
+        f"expected a fitted BayesianMDN or a (model, guide) pair, got {type(source).__name__}"
+    )
+
+
+def _tensors(model: MixtureDensityModel, X: Any, y: Any) -> tuple[Tensor, Tensor]:
+    x_arr, _ = as_2d_float(X, "X", allow_1d=False)
+    y_arr, _ = as_2d_float(y, "y", allow_1d=True)
+    if len(x_arr) != len(y_arr):
+        raise ValueError(
+            f"X and y must have the same number of rows, got {len(x_arr)} and {len(y_arr)}"
+        )
+    if x_arr.shape[1] != model.net.d_x or y_arr.shape[1] != model.net.d_y:
+        raise ValueError(
+            f"the model maps {model.net.d_x} inputs to {model.net.d_y} outputs, got X with "
+            f"{x_arr.shape[1]} columns and y with {y_arr.shape[1]}"
+        )
+    ref = model.prior_scale
+    as_t = lambda a: torch.as_tensor(a, dtype=ref.dtype, device=ref.device)  # noqa: E731
+    return as_t(x_arr), as_t(y_arr)
+
+
+def _check_draws(num_draws: int) -> None:
+    if not isinstance(num_draws, int) or isinstance(num_draws, bool) or num_draws < 1:
+        raise ValueError(f"num_draws must be an integer >= 1, got {num_draws!r}")
+
+
+def has_posterior(guide: nn.Module) -> bool:
+    """True when the guide holds a posterior to draw from (not MAP, not point estimates)."""
+    return not is_deterministic(guide)
+
+
+def pointwise_log_likelihood(
+    model: MixtureDensityModel,
+    x: Tensor,
+    y: Tensor,
+    weights: Mapping[str, Tensor],
+    max_elements: int = _MAX_ELEMENTS,
+) -> Tensor:
+    """log p(y_i | x_i, theta_s) for every draw and point, in y's units: shape (S, n).
+
+    One vectorized pass of the network per chunk of points; ``weights`` are
+    {site: (S, *shape)} (empty for a model with no latent weights, giving S = 1).
+    """
+    draws = next(iter(weights.values())).shape[0] if weights else 1
+    net = model.net
+    step = max(1, max_elements // (draws * net.n_components * net.d_y))
+    outs = []
+    with torch.no_grad():
+        for start in range(0, len(x), step):
+            sl = slice(start, start + step)
+            lp = mixtures.log_prob(model.mixture(x[sl], weights), y[sl])
+            outs.append(lp.reshape(draws, -1))
+    return torch.cat(outs, dim=1)
+
+
+def _site_name(site: str) -> str:
+    # Dots are legal in netCDF names but awkward in xarray attribute access.
+    return site.replace(".", "_")
+
+
+def _site_dims(site: str, shape: Sequence[int]) -> list[str]:
+    base = _site_name(site)
+    if len(shape) == 2:
+        return [f"{base}_out", f"{base}_in"]
+    return [f"{base}_dim_{i}" for i in range(len(shape))]
+
+
+def to_inference_data(
+    source: Any, X: Any, y: Any, num_draws: int | None = None, seed: int | None = 0
+) -> az.InferenceData:
+    """An ArviZ InferenceData of a fit on data (X, y).
+
+    Parameters
+    ----------
+    source : fitted BayesianMDN, or a (MixtureDensityModel, guide) pair
+    X : array-like of shape (n, d_x)
+    y : array-like of shape (n,) or (n, d_y)
+    num_draws : posterior draws S; None takes the estimator's ``num_draws`` (100 for a
+        pair), or every stored draw, chains kept apart, for a NUTS fit
+    seed : seed of the draws
+
+    Returns
+    -------
+    InferenceData with groups
+        posterior : every latent site (dots become underscores: ``head_weight`` with dims
+            ``head_weight_out``, ``head_weight_in``), shape (chain, draw, ...); absent
+            when the guide is deterministic (no posterior)
+        posterior_predictive : ``y``, one y draw per posterior draw, (chain, draw, obs_id
+            [, y_dim])
+        log_likelihood : ``y``, log p(y_i | x_i, theta_s) in y's units, (chain, draw,
+            obs_id); a single draw for a deterministic guide
+        observed_data : ``y``, (obs_id [, y_dim]); constant_data: ``X``, (obs_id, x_dim)
+
+    Examples
+    --------
+    >>> from bayes_mdn import BayesianMDN, make_inverse_sine
+    >>> X, y = make_inverse_sine(200, seed=0)
+    >>> mdn = BayesianMDN(n_components=3, hidden=(8,), epochs=2, progress=False).fit(X, y)
+    >>> idata = to_inference_data(mdn, X, y, num_draws=10)
+    >>> idata.log_likelihood["y"].shape
+    (1, 10, 200)
+    """
+    model, guide, default = _unpack(source)
+    x, yt = _tensors(model, X, y)
+    n, d = yt.shape
+    device = x.device
+    if isinstance(guide, EmpiricalGuide) and num_draws is None:
+        chains = guide.num_chains
+        weights = {k: v.flatten(0, 1) for k, v in guide.samples.items()}
+    else:
+        num_draws = default if num_draws is None else num_draws
+        _check_draws(num_draws)
+        chains = 1
+        weights = posterior_weights(model, guide, num_draws, seed)
+    posterior = has_posterior(guide)
+    draws = next(iter(weights.values())).shape[0] if posterior else (num_draws or default)
+    log_lik = pointwise_log_likelihood(model, x, yt, weights)  # (S or 1, n)
+
+    with seeded(None if seed is None else seed + 1, device), torch.no_grad():
+        mix = mixtures.mixture_distribution(model.mixture(x, weights))
+        # One y per posterior draw; a deterministic fit has one network, drawn from S times.
+        y_rep = mix.sample() if posterior else mix.sample((draws,)).reshape(draws, n, d)
+
+    def chained(t: Tensor) -> np.ndarray:
+        # Always an explicit chain axis: without it ArviZ reads S draws as S chains.
+        arr = t.detach().cpu().numpy()
+        return arr.reshape(chains, arr.shape[0] // chains, *arr.shape[1:])
+
+    y_dims = ["obs_id"] if d == 1 else ["obs_id", "y_dim"]
+    obs = yt[:, 0] if d == 1 else yt
+    rep = y_rep[..., 0] if d == 1 else y_rep
+    dims: dict[str, list[str]] = {OBSERVED: y_dims, "X": ["obs_id", "x_dim"]}
+    post = None
+    if posterior:
+        post = {}
+        for site, shape in model.latent_shapes.items():
+            post[_site_name(site)] = chained(weights[site])
+            dims[_site_name(site)] = _site_dims(site, shape)
+    inference = (
+        "nuts"
+        if isinstance(guide, EmpiricalGuide)
+        else (type(guide).__name__ if posterior else "point estimate")
+    )
+    ll_chains = chains if posterior else 1
+    return az.from_dict(
+        posterior=post,
+        posterior_predictive={OBSERVED: chained(rep) if posterior else rep.cpu().numpy()[None]},
+        log_likelihood={
+            OBSERVED: log_lik.cpu().numpy().reshape(ll_chains, -1, n),
+        },
+        observed_data={OBSERVED: obs.cpu().numpy()},
+        constant_data={"X": x.cpu().numpy()},
+        coords={"obs_id": np.arange(n)},
+        dims=dims,
+        attrs={"inference": inference, "has_posterior": int(posterior)},
+    )
+
+
+def save_inference_data(idata: az.InferenceData, path: str | os.PathLike[str]) -> Path:
+    """Write ``idata`` to netCDF (h5netcdf, ArviZ's own dependency) atomically."""
+    with atomic_path(path) as tmp:
+        idata.to_netcdf(str(tmp), engine="h5netcdf")
+    return Path(path)
+
+
+def read_inference_data(path: str | os.PathLike[str]) -> az.InferenceData:
+    """Read an InferenceData written by :func:`save_inference_data` (fully loaded)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no netCDF file at {str(path)!r}")
+    idata = az.from_netcdf(str(path), engine="h5netcdf")
+    # from_netcdf is lazy; load so the file can be replaced or removed afterwards.
+    for group in idata.groups():
+        getattr(idata, group).load()
+    return idata
+
+
+def loo(idata: az.InferenceData) -> dict[str, Any]:
+    """PSIS-LOO of a fit with a posterior: elpd, its standard error, Pareto k per point.
+
+    Returns
+    -------
+    dict with "elpd_loo", "se", "p_loo", "pareto_k" (ndarray (n,)), "n_k_over_0.7",
+    "max_k" and "reading".
+
+    Raises
+    ------
+    ValueError
+        When ``idata`` has no posterior (a deterministic fit): LOO over one draw is not
+        defined; use the held-out log predictive density instead.
+    """
+    if "posterior" not in idata.groups():
+        raise ValueError(
+            "this fit has no posterior (MAP or bayesian='none'): PSIS-LOO needs posterior "
+            "draws; judge it by the held-out log predictive density instead"
+        )
+    with warnings.catch_warnings():
+        # ArviZ warns about high k; the numbers and the reading below carry that message.
+        warnings.simplefilter("ignore", UserWarning)
+        res = az.loo(idata, pointwise=True, var_name=OBSERVED)
+    k = np.asarray(res.pareto_k, dtype=float)
+    n_bad = int((k > 0.7).sum())
+    return {
+        "elpd_loo": float(res.elpd_loo),
+        "se": float(res.se),
+        "p_loo": float(res.p_loo),
+        "pareto_k": k,
+        "max_k": float(k.max()),
+        "n_k_over_0.7": n_bad,
+        "reading": (
+            f"{n_bad} of {k.size} points have Pareto k > 0.7: their LOO estimates are "
+            "unreliable (influential points, or a posterior approximation too narrow)"
+            if n_bad
+            else "every Pareto k <= 0.7: the PSIS-LOO estimate is reliable"
+        ),
+    }
+
+
+def variational_khat(
+    source: Any, X: Any, y: Any, num_draws: int = 500, seed: int | None = 0
+) -> dict[str, Any]:
+    """How good an importance proposal the variational posterior is (Yao et al., 2018).
+
+    The Pareto k-hat of log w_s = log p(y, theta_s) - log q(theta_s) over draws theta_s
+    from the guide, with log p(y, theta) = log prior(theta) + full-data log-likelihood.
+
+    Returns
+    -------
+    dict with "khat", "num_draws" and "reading" (k < 0.5 good, 0.5-0.7 ok, > 0.7 the
+    variational posterior is a poor importance proposal for the true posterior).
+
+    Raises
+    ------
+    ValueError
+        For a deterministic guide (no q to check) or stored MCMC draws (no density q).
+    """
+    model, guide, _ = _unpack(source)
+    if not has_posterior(guide):
+        raise ValueError(
+            "this fit has no variational posterior (MAP or bayesian='none'): nothing to check"
+        )
+    if isinstance(guide, EmpiricalGuide):
+        raise ValueError("MCMC draws have no density q(theta): the k-hat check is for SVI")
+    _check_draws(num_draws)
+    x, yt = _tensors(model, X, y)
+    log_q = torch.empty(num_draws, dtype=x.dtype)
+    draws: dict[str, list[Tensor]] = {name: [] for name in model.latent_shapes}
+    with pyro_scope(), seeded(seed, x.device), torch.no_grad():
+        for s in range(num_draws):
+            trace = poutine.trace(guide).get_trace()
+            # Sums every sample site: one per weight (AutoNormal), or the joint latent plus
+            # zero-density Delta sites (low-rank guides).
+            log_q[s] = trace.log_prob_sum()
+            for name in draws:
+                draws[name].append(trace.nodes[name]["value"])
+    weights = {name: torch.stack(v) for name, v in draws.items()}
+    log_prior = sum(model.prior(name).log_prob(w) for name, w in weights.items())
+    log_lik = pointwise_log_likelihood(model, x, yt, weights).sum(1)
+    log_w = (log_prior + log_lik).cpu() - log_q
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        _, khat = az.psislw(log_w.double().numpy())
+    khat = float(khat)
+    if khat < 0.5:
+        reading = "good: the variational posterior is close enough to importance-sample from"
+    elif khat < 0.7:
+        reading = "ok: usable, but the variational posterior misses some of the true one"
+    else:
+        reading = (
+            "poor: the variational posterior is a poor importance proposal for the true "
+            "posterior (too narrow or misplaced); treat its uncertainty with caution"
+        )
+    return {"khat": khat, "num_draws": num_draws, "reading": f"k-hat = {khat:.2f}, {reading}"}
+
+
+def mcmc_convergence(idata: az.InferenceData) -> dict[str, float]:
+    """R-hat and effective sample sizes of a multi-chain fit, on order-free quantities.
+
+    Judged on the total log-likelihood per draw and on each point's log-likelihood,
+    never on raw weights: mixture components are exchangeable and switch labels between
+    chains, which inflates R-hat of the weights without any real disagreement.
+
+    Returns
+    -------
+    dict with "rhat_total_loglik", "ess_bulk_total_loglik", "ess_tail_total_loglik" and
+    "max_rhat_pointwise_loglik".
+    """
+    ll = idata.log_likelihood[OBSERVED]
+    if ll.sizes["chain"] < 2:
+        raise ValueError(
+            f"R-hat needs at least 2 chains, this InferenceData has {ll.sizes['chain']}"
+        )
+    total = ll.sum("obs_id").values  # (chain, draw)
+    pointwise = az.rhat(idata.log_likelihood)[OBSERVED].values
+    return {
+        "rhat_total_loglik": float(az.rhat(total)),
+        "ess_bulk_total_loglik": float(az.ess(total, method="bulk")),
+        "ess_tail_total_loglik": float(az.ess(total, method="tail")),
+        "max_rhat_pointwise_loglik": float(np.max(pointwise)),
+    }
+
+
+def calibration_report(
+    source: Any,
+    X: Any,
+    y: Any,
+    X_test: Any | None = None,
+    y_test: Any | None = None,
+    idata: az.InferenceData | None = None,
+    levels: Sequence[float] = _LEVELS,
+    num_draws: int | None = None,
+    crps_draws: int = 20,
+    seed: int | None = 0,
+) -> dict[str, Any]:
+    """Every calibration and scoring number of a fit in one dict.
+
+    Parameters
+    ----------
+    source : fitted BayesianMDN, or a (model, guide) pair
+    X, y : the data the model was fitted on (for LOO-PIT)
+    X_test, y_test : held-out data for exact PIT, coverage and scores; without them those
+        are computed on (X, y) and marked ``"in-sample"``
+    idata : InferenceData of (X, y), built when absent and needed
+    levels : nominal central-interval levels for coverage
+    num_draws : posterior draws of the predictive mixture; None: the estimator's default
+    crps_draws : posterior draws pooled for the CRPS, whose cost is quadratic in the
+        number of components (draws x K)
+    seed : seed of every draw
+
+    Returns
+    -------
+    dict with "evaluated_on", "n", "nll", "crps" (per marginal), "pit" (n, d), "ks" (per
+    marginal: statistic and p-value), "levels", "coverage" (levels x d), and when y has
+    several columns "energy_score"; for a fit with a posterior and one output also
+    "loo_pit" and "loo_pit_ks".
+    """
+    model, guide, default = _unpack(source)
+    num_draws = default if num_draws is None else num_draws
+    _check_draws(num_draws)
+    _check_draws(crps_draws)
+    if (X_test is None) != (y_test is None):
+        raise ValueError("X_test and y_test must be given together")
+    x, yt = _tensors(model, X, y)
+    held_out = X_test is not None
+    x_eval, y_eval = _tensors(model, X_test, y_test) if held_out else (x, yt)
+    mix = predictive_mixture(model, guide, x_eval, num_draws, seed)
+    pit = scores.pit(mix, y_eval)
+    ks = [scores.ks_uniform(pit[:, j]) for j in range(pit.shape[1])]
+    crps_mix = predictive_mixture(model, guide, x_eval, crps_draws, seed)
+    report: dict[str, Any] = {
+        "evaluated_on": "held-out" if held_out else "in-sample",
+        "n": len(x_eval),
+        "num_draws": num_draws,
+        "nll": scores.negative_log_likelihood(mix, y_eval),
+        "crps": scores.crps_mixture(crps_mix, y_eval).mean(0).tolist(),
+        "pit": pit,
+        "ks": [{"statistic": s, "p_value": p} for s, p in ks],
+        "levels": list(levels),
+        "coverage": scores.interval_coverage(mix, y_eval, levels),
+    }
+    if yt.shape[1] > 1:
+        draws = sample_predictive(model, guide, x_eval, num_samples=200, seed=seed)
+        report["energy_score"] = float(scores.energy_score(draws, y_eval).mean())
+    if has_posterior(guide) and yt.shape[1] == 1:
+        idata = to_inference_data(source, X, y, num_draws, seed) if idata is None else idata
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            loo_pit = np.asarray(az.loo_pit(idata, y=OBSERVED), dtype=float)
+        stat, p = scores.ks_uniform(np.clip(loo_pit, 0, 1))
+        report["loo_pit"] = loo_pit
+        report["loo_pit_ks"] = {"statistic": stat, "p_value": p}
+    return report
+
+
+def compare_models(
+    models: Mapping[str, Any], X: Any, y: Any, num_draws: int | None = None, seed: int | None = 0
+) -> Any:
+    """Rank fitted models by PSIS-LOO with ``az.compare`` (elpd differences, stacking weights).
+
+    Parameters
+    ----------
+    models : {name: fitted BayesianMDN or (model, guide)}, at least two, each with a posterior
+    X, y : the data every model was fitted on
+
+    Returns
+    -------
+    pandas.DataFrame, one row per model, best first.
+    """
+    if not isinstance(models, Mapping) or len(models) < 2:
+        raise ValueError("models must be a mapping of at least two named fitted models")
+    idatas = {}
+    for name, source in models.items():
+        _, guide, _ = _unpack(source)
+        if not has_posterior(guide):
+            raise ValueError(
+                f"model {name!r} has no posterior (MAP or bayesian='none'): LOO-based "
+                "comparison needs posterior draws; compare held-out scores instead"
+            )
+        idatas[name] = to_inference_data(source, X, y, num_draws, seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return az.compare(idatas, ic="loo", var_name=OBSERVED)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def run_diagnostics(
+    estimator: Any,
+    X: Any,
+    y: Any,
+    X_test: Any | None = None,
+    y_test: Any | None = None,
+    out_dir: str | os.PathLike[str] = "diagnostics",
+    num_draws: int | None = None,
+    seed: int | None = 0,
+    plots: bool = True,
+) -> dict[str, Any]:
+    """Diagnose a fitted model and write a report folder.
+
+    Writes ``report.json`` (every number), ``inference_data.nc`` (netCDF of the fit on
+    (X, y)) and, with ``plots``, PNG figures: loss history, posterior predictive check,
+    PIT and LOO-PIT ECDFs, Pareto k, coverage and, for 1-D x and y, the conditional
+    density p(y | x) with the data.
+
+    Returns
+    -------
+    The report as written to JSON (per-point arrays included as lists).
+    """
+    model, guide, default = _unpack(estimator)
+    out = Path(out_dir)
+    x, yt = _tensors(model, X, y)
+    idata = to_inference_data(estimator, X, y, num_draws, seed)
+    report: dict[str, Any] = {"inference": idata.attrs.get("inference", "unknown")}
+    if has_posterior(guide):
+        loo_res = loo(idata)
+        report["loo"] = loo_res
+        if isinstance(guide, EmpiricalGuide):
+            if guide.num_chains > 1:
+                report["mcmc"] = mcmc_convergence(idata)
+        else:
+            report["variational_check"] = variational_khat(estimator, X, y, seed=seed)
+    else:
+        report["posterior"] = (
+            "none: the fit is a point estimate (MAP or bayesian='none'), so there is no "
+            "PSIS-LOO or variational check; see the held-out log predictive density"
+        )
+    if X_test is not None and y_test is not None:
+        x_test, y_test_t = _tensors(model, X_test, y_test)
+        lpd = log_predictive_density(
+            model, guide, x_test, y_test_t, num_draws or default, seed=seed
+        )
+        report["heldout_lpd"] = float(lpd.mean())
+    cal = calibration_report(
+        estimator, X, y, X_test, y_test, idata, num_draws=num_draws, seed=seed
+    )
+    report["calibration"] = cal
+    report = _jsonable(report)
+    out.mkdir(parents=True, exist_ok=True)
+    save_inference_data(idata, out / "inference_data.nc")
+    if plots:
+        report["figures"] = _write_figures(estimator, idata, cal, report, x, yt, out)
+    write_json(out / "report.json", report)
+    return report
+
+
+def _write_figures(
+    estimator: Any,
+    idata: az.InferenceData,
+    cal: dict[str, Any],
+    report: dict[str, Any],
+    x: Tensor,
+    y: Tensor,
+    out: Path,
+) -> list[str]:
+    import matplotlib.pyplot as plt
+
+    from . import plotting
+
+    figures: dict[str, Any] = {}
+    history = getattr(estimator, "history_", None)
+    if history is not None and history.train_loss:
+        figures["loss.png"] = lambda ax: plotting.plot_loss(history, ax=ax)
+    obs = idata.observed_data[OBSERVED].values
+    rep = idata.posterior_predictive[OBSERVED].values
+    rep = rep.reshape(-1, *rep.shape[2:])
+    figures["ppc.png"] = lambda ax: plotting.plot_ppc(obs, rep, ax=ax)
+    figures["pit.png"] = lambda ax: plotting.plot_pit(np.asarray(cal["pit"])[:, 0], ax=ax)
+    if "loo_pit" in cal:
+        figures["loo_pit.png"] = lambda ax: plotting.plot_pit(
+            np.asarray(cal["loo_pit"]), ax=ax, label="LOO-PIT"
+        )
+    if "loo" in report:
+        figures["pareto_k.png"] = lambda ax: plotting.plot_pareto_k(
+            np.asarray(report["loo"]["pareto_k"]), ax=ax
+        )
+    figures["coverage.png"] = lambda ax: plotting.plot_coverage(
+        cal["levels"], np.asarray(cal["coverage"]), ax=ax
+    )
+    if x.shape[1] == 1 and y.shape[1] == 1 and hasattr(estimator, "predictive_mixture"):
+        xs, ys = x[:, 0].cpu().numpy(), y[:, 0].cpu().numpy()
+        figures["conditional_density.png"] = lambda ax: plotting.plot_conditional_density(
+            estimator, X=xs, y=ys, ax=ax
+        )
+    written = []
+    for name, draw in figures.items():
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        try:
+            draw(ax)
+            fig.tight_layout()
+            with atomic_path(out / name) as tmp:
+                fig.savefig(tmp, format="png", dpi=110)
+        finally:
+            plt.close(fig)
+        written.append(name)
+    return written

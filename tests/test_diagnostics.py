@@ -1,0 +1,229 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from bayes_mdn import BayesianMDN, diagnostics, make_inverse_sine
+from bayes_mdn.cli import main
+from bayes_mdn.guides import EmpiricalGuide, draw_latents
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[np.ndarray, np.ndarray]:
+    return make_inverse_sine(200, seed=0)
+
+
+def _fit(X: np.ndarray, y: np.ndarray, **kwargs: object) -> BayesianMDN:
+    settings = {"n_components": 3, "hidden": (16,), "epochs": 15, "progress": False} | kwargs
+    return BayesianMDN(**settings).fit(X, y)
+
+
+@pytest.fixture(scope="module")
+def fitted(data: tuple[np.ndarray, np.ndarray]) -> BayesianMDN:
+    return _fit(*data)
+
+
+def test_inference_data_groups_dims_and_shapes(fitted: BayesianMDN, data) -> None:
+    X, y = data
+    idata = fitted.to_inference_data(X, y, num_draws=20)
+    assert set(idata.groups()) == {
+        "posterior",
+        "posterior_predictive",
+        "log_likelihood",
+        "observed_data",
+        "constant_data",
+    }
+    head = idata.posterior["head_weight"]
+    assert head.dims == ("chain", "draw", "head_weight_out", "head_weight_in")
+    assert head.shape == (1, 20, *fitted.model_.latent_shapes["head.weight"])
+    assert idata.posterior_predictive["y"].dims == ("chain", "draw", "obs_id")
+    assert idata.log_likelihood["y"].shape == (1, 20, len(y))
+    np.testing.assert_allclose(idata.observed_data["y"].values, y, rtol=1e-6)
+    assert idata.constant_data["X"].dims == ("obs_id", "x_dim")
+    # Predictive draws are real draws, not the observed y copied S times.
+    assert not np.allclose(idata.posterior_predictive["y"].values[0, 0], y)
+
+
+def test_log_likelihood_matches_predictive_density(fitted: BayesianMDN, data) -> None:
+    X, y = data
+    idata = fitted.to_inference_data(X, y, num_draws=30)
+    ll = torch.as_tensor(idata.log_likelihood["y"].values[0], dtype=torch.float64)
+    lpd = torch.logsumexp(ll, 0) - np.log(30)
+    np.testing.assert_allclose(lpd.numpy(), fitted.log_prob(X, y, num_draws=30, seed=0), atol=1e-4)
+
+
+def test_loo_is_finite_with_sane_k(fitted: BayesianMDN, data) -> None:
+    X, y = data
+    res = diagnostics.loo(fitted.to_inference_data(X, y, num_draws=50))
+    assert np.isfinite(res["elpd_loo"]) and res["se"] > 0
+    assert res["pareto_k"].shape == (len(y),)
+    assert np.all(np.isfinite(res["pareto_k"])) and np.median(res["pareto_k"]) < 0.7
+    # elpd per point sits near the in-sample log predictive density.
+    assert res["elpd_loo"] / len(y) == pytest.approx(fitted.score(X, y), abs=0.3)
+
+
+def test_variational_khat_is_reported(fitted: BayesianMDN, data) -> None:
+    res = diagnostics.variational_khat(fitted, *data, num_draws=100)
+    assert np.isfinite(res["khat"]) and res["num_draws"] == 100
+    assert "k-hat" in res["reading"]
+
+
+def test_point_estimate_has_no_posterior(data) -> None:
+    X, y = data
+    mle = _fit(X, y, bayesian="none", guide="delta", epochs=3)
+    idata = diagnostics.to_inference_data(mle, X, y, num_draws=10)
+    assert "posterior" not in idata.groups()
+    assert idata.log_likelihood["y"].shape == (1, 1, len(y))
+    assert idata.posterior_predictive["y"].shape == (1, 10, len(y))
+    with pytest.raises(ValueError, match="no posterior"):
+        diagnostics.loo(idata)
+    with pytest.raises(ValueError, match="no variational posterior"):
+        diagnostics.variational_khat(mle, X, y)
+    with pytest.raises(ValueError, match="no posterior"):
+        diagnostics.compare_models({"mle": mle, "other": mle}, X, y)
+
+
+def test_netcdf_round_trip(fitted: BayesianMDN, data, tmp_path) -> None:
+    idata = fitted.to_inference_data(*data, num_draws=10)
+    path = diagnostics.save_inference_data(idata, tmp_path / "fit.nc")
+    back = diagnostics.read_inference_data(path)
+    assert set(back.groups()) == set(idata.groups())
+    for group in idata.groups():
+        for name, var in getattr(idata, group).data_vars.items():
+            np.testing.assert_array_equal(getattr(back, group)[name].values, var.values)
+    assert back.attrs["inference"] == "AutoNormal"
+    with pytest.raises(FileNotFoundError):
+        diagnostics.read_inference_data(tmp_path / "missing.nc")
+
+
+def test_compare_models_ranks_two_fits(fitted: BayesianMDN, data) -> None:
+    X, y = data
+    other = _fit(X, y, n_components=1, epochs=5)
+    table = diagnostics.compare_models({"k3": fitted, "k1": other}, X, y, num_draws=30)
+    assert isinstance(table, pd.DataFrame)
+    assert list(table.index) == ["k3", "k1"]
+    assert table["weight"].sum() == pytest.approx(1.0)
+
+
+def test_calibration_report_numbers(fitted: BayesianMDN, data) -> None:
+    X, y = data
+    Xt, yt = make_inverse_sine(100, seed=5)
+    rep = diagnostics.calibration_report(fitted, X, y, Xt, yt, num_draws=20)
+    assert rep["evaluated_on"] == "held-out" and rep["n"] == 100
+    assert rep["pit"].shape == (100, 1) and np.all((rep["pit"] >= 0) & (rep["pit"] <= 1))
+    assert rep["coverage"].shape == (4, 1)
+    assert np.all(np.diff(rep["coverage"][:, 0]) >= 0)
+    assert rep["nll"] == pytest.approx(-fitted.log_prob(Xt, yt, num_draws=20).mean(), rel=1e-5)
+    assert rep["crps"][0] > 0
+    assert rep["loo_pit"].shape == (len(y),)
+    with pytest.raises(ValueError, match="together"):
+        diagnostics.calibration_report(fitted, X, y, Xt, None)
+
+
+def test_bad_inputs_raise_early(fitted: BayesianMDN, data) -> None:
+    X, y = data
+    with pytest.raises(ValueError, match="same number of rows"):
+        diagnostics.to_inference_data(fitted, X, y[:-1])
+    with pytest.raises(ValueError, match="num_draws"):
+        diagnostics.to_inference_data(fitted, X, y, num_draws=0)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        diagnostics.to_inference_data(BayesianMDN(), X, y)
+    with pytest.raises(TypeError, match="BayesianMDN"):
+        diagnostics.to_inference_data(object(), X, y)
+
+
+def test_empirical_guide_draws() -> None:
+    samples = {"a": torch.arange(12.0).reshape(2, 3, 2), "b": torch.zeros(2, 3)}
+    guide = EmpiricalGuide(samples)
+    assert (guide.num_chains, guide.num_samples) == (2, 3)
+    few = draw_latents(guide, 4)
+    assert few["a"].shape == (4, 2) and few["b"].shape == (4,)
+    # Without replacement when fewer draws than stored are asked for.
+    assert len({tuple(r) for r in few["a"].tolist()}) == 4
+    assert draw_latents(guide, 10)["a"].shape == (10, 2)
+    with pytest.raises(ValueError, match="num_chains, num_samples"):
+        EmpiricalGuide({"a": torch.zeros(2, 3), "b": torch.zeros(3, 3)})
+
+
+def test_run_diagnostics_writes_report(fitted: BayesianMDN, data, tmp_path) -> None:
+    X, y = data
+    Xt, yt = make_inverse_sine(100, seed=3)
+    report = diagnostics.run_diagnostics(fitted, X, y, Xt, yt, tmp_path, num_draws=20)
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["heldout_lpd"] == pytest.approx(report["heldout_lpd"])
+    assert {"loo", "variational_check", "calibration"} <= set(saved)
+    for name in report["figures"]:
+        assert (tmp_path / name).stat().st_size > 5000
+    assert "conditional_density.png" in report["figures"]
+    assert (tmp_path / "inference_data.nc").is_file()
+
+
+@pytest.mark.slow
+def test_cli_diagnose_end_to_end(tmp_path, capsys) -> None:
+    out = tmp_path / "report"
+    args = ["diagnose", "--n-train", "200", "--epochs", "5", "--components", "3"]
+    status = main([*args, "--num-draws", "20", "--out", str(out), "--no-progress"])
+    assert status == 0
+    assert "PSIS-LOO elpd" in capsys.readouterr().out
+    assert json.loads((out / "report.json").read_text())["calibration"]["n"] == 66
+
+
+def test_cli_diagnose_csv_errors(tmp_path, capsys) -> None:
+    csv = tmp_path / "d.csv"
+    csv.write_text("a,b\n1,2\n")
+    assert main(["diagnose", "--csv", str(csv), "--x", "a", "--y", "z"]) == 2
+    assert "not in" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_pit_uniform_when_well_specified() -> None:
+    # Heteroscedastic Gaussian data: a 5-component MDN contains the truth.
+    rng = np.random.default_rng(0)
+    X = rng.uniform(-3, 3, size=(2500, 1))
+    y = np.sin(X[:, 0]) + (0.2 + 0.1 * np.abs(X[:, 0])) * rng.standard_normal(2500)
+    mdn = _fit(X[:1500], y[:1500], n_components=5, hidden=(32, 32), epochs=100)
+    rep = diagnostics.calibration_report(mdn, X[:1500], y[:1500], X[1500:], y[1500:], num_draws=30)
+    assert rep["ks"][0]["p_value"] > 0.01
+    assert np.all(np.abs(rep["coverage"][:, 0] - rep["levels"]) < 0.05)
+
+
+@pytest.mark.slow
+def test_pit_non_uniform_when_misspecified() -> None:
+    # One Gaussian cannot follow the inverse-sine problem's several branches.
+    X, y = make_inverse_sine(2500, seed=0)
+    mdn = _fit(X[:1500], y[:1500], n_components=1, hidden=(32, 32), epochs=100)
+    rep = diagnostics.calibration_report(mdn, X[:1500], y[:1500], X[1500:], y[1500:], num_draws=30)
+    assert rep["ks"][0]["p_value"] < 1e-4
+
+
+@pytest.mark.slow
+def test_nuts_reference_converges_on_log_likelihood() -> None:
+    # K = 1 on smooth Gaussian data: no label switching, a unimodal posterior, and
+    # about 35-45 s here (2 chains x (120 + 120) steps, tree depth 4).
+    rng = np.random.default_rng(0)
+    X = rng.uniform(-2, 2, size=(80, 1))
+    y = np.sin(X[:, 0]) + 0.3 * rng.standard_normal(80)
+    mdn = _fit(
+        X,
+        y,
+        n_components=1,
+        hidden=(4,),
+        dtype="float64",
+        epochs=100,
+        batch_size=None,
+        lr=3e-2,
+        method="nuts",
+        num_chains=2,
+        nuts_warmup=120,
+        nuts_samples=120,
+        max_tree_depth=4,
+    )
+    assert isinstance(mdn.guide_, EmpiricalGuide)
+    assert mdn.nuts_info_["divergences"] == [0, 0]
+    idata = mdn.to_inference_data(X, y)
+    assert idata.log_likelihood["y"].shape == (2, 120, 80)
+    conv = diagnostics.mcmc_convergence(idata)
+    assert conv["rhat_total_loglik"] < 1.05
+    assert np.isfinite(mdn.predict(X[:3])).all()
