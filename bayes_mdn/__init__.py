@@ -1,6 +1,6 @@
 """Bayesian mixture density networks in Pyro."""
 
-from .datasets import inverse_sine_log_density, make_inverse_sine
+from .datasets import inverse_sine_log_density, load_dataset, make_inverse_sine
 from .estimator import BayesianMDN
 from .fit import FitConfig, FitHistory, fit_svi
 from .guides import make_guide
@@ -22,6 +22,7 @@ __all__ = [
     "fit_svi",
     "inverse_sine_log_density",
     "load",
+    "load_dataset",
     "make_guide",
     "make_inverse_sine",
 ]
