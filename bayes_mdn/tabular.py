@@ -250,7 +250,8 @@ def evaluate_model(
     fig, ax = plt.subplots(figsize=(6, 4))
     bins = np.linspace(0, 1, 11)
     for j in range(y2.shape[1]):
-        ax.hist(pit[:, j], bins=bins, density=True, histtype="step", lw=1.5, label=f"y{j}")
+        label = "y" if y2.shape[1] == 1 else f"output {j}"
+        ax.hist(pit[:, j], bins=bins, density=True, histtype="step", lw=1.5, label=label)
     ax.axhline(1.0, color="black", ls="--", lw=1, label="calibrated")
     ax.set_xlabel("PIT: predictive CDF at the observed y")
     ax.set_ylabel("density")
