@@ -248,7 +248,7 @@ def evaluate_model(
     out.mkdir(parents=True, exist_ok=True)
     figures = []
     fig, ax = plt.subplots(figsize=(6, 4))
-    bins = np.linspace(0, 1, 11)
+    bins = [i / 10 for i in range(11)]
     for j in range(y2.shape[1]):
         label = "y" if y2.shape[1] == 1 else f"output {j}"
         ax.hist(pit[:, j], bins=bins, density=True, histtype="step", lw=1.5, label=label)
