@@ -2,6 +2,7 @@
 
 from .datasets import (
     inverse_sine_log_density,
+    load_dataset,
     make_inverse_sine,
     make_noisy_ring,
     noisy_ring_log_density,
@@ -28,6 +29,7 @@ __all__ = [
     "fit_svi",
     "inverse_sine_log_density",
     "load",
+    "load_dataset",
     "make_guide",
     "make_inverse_sine",
     "make_noisy_ring",

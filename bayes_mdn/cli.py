@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "verb_main"]
 
 
 def _positive_int(text: str) -> int:
@@ -78,7 +79,182 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("--seed", type=int, default=0, help="seed of data, fit and draws")
     diag.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     diag.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    for verb, (help_text, description, add_arguments, _) in VERBS.items():
+        add_arguments(sub.add_parser(verb, help=help_text, description=description))
     return parser
+
+
+def _columns(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated column names, got {text!r}")
+    return names
+
+
+def _levels(text: str) -> tuple[float, ...]:
+    try:
+        levels = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 0.5,0.9, got {text!r}") from None
+    if not all(0 < v < 1 for v in levels):
+        raise argparse.ArgumentTypeError(f"levels must lie strictly in (0, 1), got {text!r}")
+    return levels
+
+
+def _hidden(text: str) -> tuple[int, ...]:
+    return tuple(_positive_int(v) for v in text.split(","))
+
+
+def _add_fit_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--csv", required=True, help="training CSV file with a header row")
+    p.add_argument("--x", required=True, type=_columns, help="input columns, comma-separated")
+    p.add_argument("--y", required=True, type=_columns, help="target column(s), comma-separated")
+    p.add_argument("--model", required=True, help="model file to write")
+    p.add_argument("--components", type=_positive_int, default=10, help="mixture components K")
+    p.add_argument("--hidden", type=_hidden, default=(32, 32), help="hidden widths, e.g. 64,64")
+    p.add_argument("--bayesian", choices=("none", "last", "all"), default="last")
+    p.add_argument("--guide", choices=("delta", "normal", "lowrank"), default="normal")
+    p.add_argument("--epochs", type=_positive_int, default=300, help="maximum epochs")
+    p.add_argument("--batch-size", type=_positive_int, default=500, help="mini-batch size")
+    p.add_argument("--lr", type=float, default=1e-2, help="peak learning rate")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fit")
+    p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _add_predict_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model file written by fit")
+    p.add_argument("--csv", required=True, help="CSV file holding the input columns")
+    p.add_argument("--x", required=True, type=_columns, help="input columns, comma-separated")
+    p.add_argument("--out", required=True, help="CSV file to write")
+    p.add_argument("--levels", type=_levels, default=(0.5, 0.9), help="interval levels")
+    p.add_argument(
+        "--samples",
+        type=_positive_int,
+        default=None,
+        help="write this many posterior-predictive draws per row instead of summaries",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the posterior draws")
+    p.add_argument("--device", type=_device, default="cpu", help="where to load the model")
+
+
+def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model file written by fit")
+    p.add_argument("--csv", required=True, help="held-out CSV file with inputs and targets")
+    p.add_argument("--x", required=True, type=_columns, help="input columns, comma-separated")
+    p.add_argument("--y", required=True, type=_columns, help="target column(s), comma-separated")
+    p.add_argument("--out", required=True, help="folder for metrics.json and figures")
+    p.add_argument("--levels", type=_levels, default=(0.5, 0.9), help="interval levels")
+    p.add_argument("--seed", type=int, default=0, help="seed of the posterior draws")
+    p.add_argument("--device", type=_device, default="cpu", help="where to load the model")
+
+
+def _run_fit(args: argparse.Namespace) -> int:
+    from .tabular import fit_csv
+
+    guide = "delta" if args.bayesian == "none" else args.guide
+    mdn = fit_csv(
+        args.csv,
+        args.x,
+        args.y,
+        args.model,
+        n_components=args.components,
+        hidden=args.hidden,
+        bayesian=args.bayesian,
+        guide=guide,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    history = mdn.history_
+    best = history.val_nll[history.best_epoch] if history.val_nll else history.train_loss[-1]
+    print(
+        f"fitted {len(history.train_loss)} epochs (kept epoch {history.best_epoch + 1}, "
+        f"{'validation NLL' if history.val_nll else 'train loss'} {best:.4f}); "
+        f"model written to {args.model}"
+    )
+    return 0
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from .io import load
+    from .tabular import predict_table, read_columns, write_csv
+
+    model = load(args.model, device=args.device)
+    X = read_columns(args.csv, args.x, "--x")
+    header, cols = predict_table(model, X, args.levels, n_samples=args.samples, seed=args.seed)
+    write_csv(args.out, header, cols)
+    print(
+        f"{len(X)} rows of {', '.join(header[:6])}{', ...' if len(header) > 6 else ''} "
+        f"written to {args.out}"
+    )
+    return 0
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from .io import load
+    from .tabular import evaluate_model, read_columns
+
+    model = load(args.model, device=args.device)
+    X = read_columns(args.csv, args.x, "--x")
+    y = read_columns(args.csv, args.y, "--y")
+    metrics = evaluate_model(model, X, y, args.out, args.levels, seed=args.seed)
+    cover = ", ".join(f"{k}: {v[0]:.3f}" for k, v in metrics["coverage"].items())
+    print(f"NLL {metrics['nll']:.4f} nats/point; interval coverage {cover}")
+    print(f"metrics.json and {len(metrics['figures'])} figure(s) written to {args.out}")
+    return 0
+
+
+# verb -> (help, description, add_arguments, handler)
+VERBS = {
+    "fit": (
+        "fit a Bayesian MDN on columns of a CSV file and save it",
+        "Fit a Bayesian MDN of p(y | x) on the --x and --y columns of a CSV file (header "
+        "row, numbers only) and write the model file (no pickle) to --model.",
+        _add_fit_arguments,
+        _run_fit,
+    ),
+    "predict": (
+        "predict from a model file for the rows of a CSV file",
+        "Load a model file and write a CSV with, per input row, the predictive mean, "
+        "standard deviation and central interval bounds, or --samples posterior-"
+        "predictive draws.",
+        _add_predict_arguments,
+        _run_predict,
+    ),
+    "evaluate": (
+        "score a model file on a held-out CSV file",
+        "Load a model file and score it on held-out rows: metrics.json (NLL, RMSE, "
+        "interval coverage, mean PIT), a PIT histogram and, for one input and one "
+        "output, a predictive-samples figure, all written to --out.",
+        _add_evaluate_arguments,
+        _run_evaluate,
+    ),
+}
+
+
+def _run(name: str, handler: Any, args: argparse.Namespace) -> int:
+    try:
+        return handler(args)
+    except (ValueError, TypeError, OSError) as err:
+        print(f"{name}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def verb_main(verb: str, argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Run one verb (``fit``, ``predict`` or ``evaluate``) as a standalone program.
+
+    The scripts in ``scripts/`` are this function under another name; returns the exit
+    status (2 for bad input, with the reason on stderr).
+    """
+    help_text, description, add_arguments, handler = VERBS[verb]
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_arguments(parser)
+    return _run(parser.prog, handler, parser.parse_args(argv))
 
 
 def _read_csv(path: str, x_cols: str | None, y_cols: str | None) -> tuple:
@@ -169,12 +345,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"demo": _run_demo, "diagnose": _run_diagnose}
-    try:
-        return handlers[args.command](args)
-    except (ValueError, TypeError, OSError) as err:
-        print(f"bayes-mdn {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    handlers = {"demo": _run_demo, "diagnose": _run_diagnose} | {
+        verb: spec[3] for verb, spec in VERBS.items()
+    }
+    return _run(f"bayes-mdn {args.command}", handlers[args.command], args)
 
 
 if __name__ == "__main__":
