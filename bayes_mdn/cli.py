@@ -67,9 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     diag.add_argument("--out", default="diagnostics", help="output folder (default: %(default)s)")
+    diag.add_argument(
+        "--model",
+        default=None,
+        help="diagnose this saved model on --csv instead of fitting one (every row is used)",
+    )
     diag.add_argument("--csv", default=None, help="CSV file with a header row (default: demo)")
-    diag.add_argument("--x", default=None, help="comma-separated input columns of --csv")
-    diag.add_argument("--y", default=None, help="comma-separated target columns of --csv")
+    diag.add_argument("--x", type=_columns, default=None, help="input columns of --csv")
+    diag.add_argument("--y", type=_columns, default=None, help="target columns of --csv")
     diag.add_argument("--n-train", type=_positive_int, default=2000, help="demo training points")
     diag.add_argument("--epochs", type=_positive_int, default=200, help="maximum epochs")
     diag.add_argument("--components", type=_positive_int, default=10, help="mixture components")
@@ -257,36 +262,29 @@ def verb_main(verb: str, argv: Sequence[str] | None = None, prog: str | None = N
     return _run(parser.prog, handler, parser.parse_args(argv))
 
 
-def _read_csv(path: str, x_cols: str | None, y_cols: str | None) -> tuple:
-    import numpy as np
-
-    if not x_cols or not y_cols:
-        raise ValueError("--csv needs both --x and --y (comma-separated column names)")
-    with open(path) as f:
-        header = [c.strip() for c in f.readline().strip().split(",")]
-    wanted = {"--x": x_cols.split(","), "--y": y_cols.split(",")}
-    index = {}
-    for flag, cols in wanted.items():
-        missing = [c for c in cols if c.strip() not in header]
-        if missing:
-            raise ValueError(f"{flag} columns {missing} are not in {path}; columns: {header}")
-        index[flag] = [header.index(c.strip()) for c in cols]
-    data = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
-    y = data[:, index["--y"]]
-    return data[:, index["--x"]], (y[:, 0] if y.shape[1] == 1 else y)
-
-
 def _run_diagnose(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .datasets import make_inverse_sine
     from .diagnostics import run_diagnostics
     from .estimator import BayesianMDN
+    from .io import load
+    from .tabular import read_columns
 
-    if args.csv is not None:
-        X, y = _read_csv(args.csv, args.x, args.y)
+    if args.csv is not None or args.model is not None:
+        if args.csv is None or args.x is None or args.y is None:
+            raise ValueError("--model and --csv need --csv, --x and --y (column names)")
+        X = read_columns(args.csv, args.x, "--x")
+        y = read_columns(args.csv, args.y, "--y")
+        y = y[:, 0] if y.shape[1] == 1 else y
     else:
         X, y = make_inverse_sine(args.n_train + args.n_train // 3, seed=args.seed)
+    if args.model is not None:
+        model = load(args.model, device=args.device)
+        report = run_diagnostics(
+            model, X, y, out_dir=args.out, num_draws=args.num_draws, seed=args.seed
+        )
+        return _print_report(report, args.out)
     perm = np.random.default_rng(args.seed).permutation(len(X))
     n_test = len(X) // 4
     test, train = perm[:n_test], perm[n_test:]
@@ -305,8 +303,14 @@ def _run_diagnose(args: argparse.Namespace) -> int:
     report = run_diagnostics(
         model, X[train], y[train], X[test], y[test], out_dir=args.out, seed=args.seed
     )
+    return _print_report(report, args.out)
+
+
+def _print_report(report: dict[str, Any], out: str) -> int:
     cal = report["calibration"]
-    lines = [f"held-out log predictive density: {report['heldout_lpd']:.4f} nats/point"]
+    lines = []
+    if "heldout_lpd" in report:
+        lines.append(f"held-out log predictive density: {report['heldout_lpd']:.4f} nats/point")
     if "loo" in report:
         lines.append(
             f"PSIS-LOO elpd: {report['loo']['elpd_loo']:.1f} (se {report['loo']['se']:.1f})"
@@ -320,7 +324,7 @@ def _run_diagnose(args: argparse.Namespace) -> int:
         f"PIT KS p-value: {cal['ks'][0]['p_value']:.3g}; CRPS: {cal['crps'][0]:.4f}; "
         f"coverage at {cal['levels']}: {[round(c[0], 3) for c in cal['coverage']]}"
     )
-    lines.append(f"report written to {args.out}/")
+    lines.append(f"report written to {out}/")
     print("\n".join(lines))
     return 0
 

@@ -174,7 +174,23 @@ def test_cli_diagnose_csv_errors(tmp_path, capsys) -> None:
     csv = tmp_path / "d.csv"
     csv.write_text("a,b\n1,2\n")
     assert main(["diagnose", "--csv", str(csv), "--x", "a", "--y", "z"]) == 2
-    assert "not in" in capsys.readouterr().err
+    assert "z" in capsys.readouterr().err
+    assert main(["diagnose", "--model", str(tmp_path / "m.bmdn")]) == 2
+    assert "--csv" in capsys.readouterr().err
+
+
+def test_cli_diagnose_a_saved_model(tmp_path, capsys) -> None:
+    X, y = make_inverse_sine(150, seed=0)
+    BayesianMDN(n_components=3, hidden=(8,), epochs=3, progress=False).fit(X, y).save(
+        tmp_path / "m.bmdn"
+    )
+    csv = tmp_path / "d.csv"
+    csv.write_text("x,y\n" + "\n".join(f"{a},{b}" for a, b in zip(X[:, 0], y)) + "\n")
+    args = ["diagnose", "--model", str(tmp_path / "m.bmdn"), "--csv", str(csv)]
+    out = tmp_path / "report"
+    assert main([*args, "--x", "x", "--y", "y", "--num-draws", "10", "--out", str(out)]) == 0
+    assert "PSIS-LOO elpd" in capsys.readouterr().out
+    assert json.loads((out / "report.json").read_text())["calibration"]["n"] == 150
 
 
 @pytest.mark.slow
