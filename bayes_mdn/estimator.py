@@ -33,22 +33,29 @@ class BayesianMDN:
     n_components : int
         Number of Gaussian components K.
     hidden : sequence of int
-        Hidden layer widths.
+        Hidden layer widths. A narrow last hidden layer keeps the Bayesian output layer
+        small, which mean-field posteriors handle better.
     activation : {"tanh", "relu", "elu", "gelu", "silu"}
     bayesian : {"none", "last", "all"}
-        Layers whose weights get a Normal(0, prior_scale) prior and a posterior:
-        none (maximum likelihood), the output layer, or every layer.
+        Layers whose weights get a Gaussian prior and a posterior: none (maximum
+        likelihood), the output layer, or every layer.
     guide : {"delta", "normal", "lowrank"}
         Variational family: MAP point estimates, mean-field Gaussian, or low-rank
         plus diagonal Gaussian.
     covariance : {"diagonal", "full"}
         Component covariance for vector targets (identical for one-dimensional y).
     prior_scale : float
-        Prior standard deviation of the latent weights.
+        A latent weight matrix gets the prior Normal(0, prior_scale / sqrt(fan_in)), a
+        latent bias Normal(0, prior_scale). The default is weak on purpose: on the
+        inverse-sine problem narrower priors (1 to 8) shrink the output layer and cost
+        0.02 to 0.14 nats of test NLL.
     min_scale : float
-        Floor on component standard deviations, in standardized units of y.
+        Floor on component standard deviations, in standardized units of y. It stops
+        components from collapsing onto single points; keep it below the narrowest
+        feature of p(y | x) (0.02 is 2 % of the target's spread).
     init_scale : float
-        Initial posterior standard deviation of the Gaussian guides.
+        Initial posterior standard deviation of the Gaussian guides; their means start at
+        the network's initialization.
     rank : int or None
         Rank of the ``"lowrank"`` guide; None picks sqrt(number of latent weights).
     epochs, batch_size, lr, lr_schedule, clip_norm, num_particles, val_fraction,
@@ -111,25 +118,25 @@ class BayesianMDN:
     def __init__(
         self,
         n_components: int = 20,
-        hidden: Sequence[int] = (64, 64),
+        hidden: Sequence[int] = (64, 16),
         activation: str = "tanh",
         bayesian: Literal["none", "last", "all"] = "last",
         guide: Literal["delta", "normal", "lowrank"] = "normal",
         covariance: Literal["diagonal", "full"] = "diagonal",
-        prior_scale: float = 1.0,
-        min_scale: float = 1e-3,
-        init_scale: float = 0.01,
+        prior_scale: float = 32.0,
+        min_scale: float = 0.02,
+        init_scale: float = 1e-3,
         rank: int | None = None,
         epochs: int = 300,
         batch_size: int | None = 500,
-        lr: float = 1e-2,
-        lr_schedule: Literal["onecycle", "cosine", "constant"] = "onecycle",
+        lr: float = 3e-3,
+        lr_schedule: Literal["onecycle", "cosine", "constant"] = "cosine",
         clip_norm: float | None = 10.0,
         num_particles: int = 1,
-        val_fraction: float = 0.1,
-        patience: int | None = 60,
+        val_fraction: float = 0.0,
+        patience: int | None = 30,
         val_draws: int = 16,
-        input_noise: float = 0.0,
+        input_noise: float = 0.05,
         jit: bool = False,
         num_draws: int = 100,
         dtype: Literal["float32", "float64"] = "float32",

@@ -69,14 +69,14 @@ class FitConfig:
 
     epochs: int = 300
     batch_size: int | None = 500
-    lr: float = 1e-2
-    lr_schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    lr: float = 3e-3
+    lr_schedule: Literal["onecycle", "cosine", "constant"] = "cosine"
     clip_norm: float | None = 10.0
     num_particles: int = 1
-    val_fraction: float = 0.1
-    patience: int | None = 60
+    val_fraction: float = 0.0
+    patience: int | None = 30
     val_draws: int = 16
-    input_noise: float = 0.0
+    input_noise: float = 0.05
     jit: bool = False
     seed: int | None = 0
     device: str = "auto"

@@ -6,7 +6,7 @@ import torch
 from bayes_mdn.fit import FitConfig, fit_svi, split_indices
 from tests.helpers import model_and_guide, small_data
 
-FAST = {"epochs": 6, "batch_size": 16, "progress": False, "device": "cpu"}
+FAST = {"epochs": 6, "batch_size": 16, "progress": False, "device": "cpu", "val_fraction": 0.1}
 
 
 @pytest.mark.parametrize("guide", ["delta", "normal", "lowrank"])
