@@ -70,6 +70,9 @@ class BayesianMDN:
         posterior draws of every prediction. None gives fresh randomness each time.
     progress : bool
         Show a progress bar while fitting.
+    num_threads : int or None
+        Torch threads while fitting on the CPU (restored afterwards); None leaves torch's
+        setting alone. See :class:`bayes_mdn.fit.FitConfig`.
     checkpoint : str, os.PathLike or None
         File where ``fit`` writes a checkpoint of the SVI loop (atomically), so that an
         interrupted fit can continue; None writes none.
@@ -143,6 +146,7 @@ class BayesianMDN:
         device: str = "auto",
         seed: int | None = 0,
         progress: bool = True,
+        num_threads: int | None = 1,
         checkpoint: str | os.PathLike[str] | None = None,
         checkpoint_every: int = 10,
         resume: bool = False,
@@ -178,6 +182,7 @@ class BayesianMDN:
         self.device = device
         self.seed = seed
         self.progress = progress
+        self.num_threads = num_threads
         self.checkpoint = checkpoint
         self.checkpoint_every = checkpoint_every
         self.resume = resume
@@ -275,6 +280,7 @@ class BayesianMDN:
             seed=self.seed,
             device=self.device,
             progress=self.progress,
+            num_threads=self.num_threads,
         )
 
     # -- fitting ---------------------------------------------------------------------

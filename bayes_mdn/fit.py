@@ -8,13 +8,14 @@ stopping on the held-out log predictive density that restores the best state.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import math
 import operator
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -65,6 +66,11 @@ class FitConfig:
     seed : seed of every random choice of the fit; None for fresh randomness
     device : "auto", "cpu", "cuda" or "cuda:N"
     progress : show a tqdm progress bar
+    num_threads : torch intra-op threads while fitting on the CPU (restored afterwards);
+        None leaves torch's setting alone. MDN-sized steps are too small to gain from
+        splitting each operation across cores, and lose badly when another process
+        holds a core: 20 epochs of the default model on 5,000 rows took 1.7 s with one
+        thread and 28 s with two on a busy 2-core machine.
     """
 
     epochs: int = 300
@@ -81,6 +87,7 @@ class FitConfig:
     seed: int | None = 0
     device: str = "auto"
     progress: bool = True
+    num_threads: int | None = 1
 
     def __post_init__(self) -> None:
         def positive_int(name: str, value: object, allow_none: bool = False) -> None:
@@ -94,6 +101,7 @@ class FitConfig:
         positive_int("num_particles", self.num_particles)
         positive_int("patience", self.patience, allow_none=True)
         positive_int("val_draws", self.val_draws)
+        positive_int("num_threads", self.num_threads, allow_none=True)
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -240,6 +248,20 @@ class MapLoss(nn.Module):
         return {name: operator.attrgetter(name)(self.guide) for name in self.model.latent_names}
 
 
+@contextlib.contextmanager
+def _cpu_threads(num_threads: int | None, device: torch.device) -> Iterator[None]:
+    """Use ``num_threads`` torch threads for a CPU fit, then restore the caller's."""
+    if num_threads is None or device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _make_loss(model: MixtureDensityModel, guide: nn.Module, config: FitConfig) -> nn.Module:
     """The loss module the loop minimizes: ``loss(x, y, subsample=idx, n_total=n)``.
 
@@ -306,7 +328,7 @@ def fit_svi(
     history = FitHistory()
     start = time.perf_counter()
     digest = _data_digest(x, y) if checkpoint is not None else ""
-    with pyro_scope(), seeded(config.seed, device):
+    with pyro_scope(), seeded(config.seed, device), _cpu_threads(config.num_threads, device):
         train_idx, val_idx = split_indices(len(x), config.val_fraction, config.seed)
         train_idx, val_idx = train_idx.to(device), val_idx.to(device)
         x_train, y_train = x[train_idx], y[train_idx]

@@ -107,30 +107,50 @@ def marginal_cdf(params: MixtureParams, y: Tensor) -> Tensor:
     return (log_w.exp() * torch.special.ndtr(z)).sum(-2)
 
 
-def marginal_quantiles(params: MixtureParams, q: Tensor, iterations: int = 60) -> Tensor:
-    """Quantiles of each marginal by bisection of the exact CDF.
+def marginal_quantiles(params: MixtureParams, q: Tensor, iterations: int = 100) -> Tensor:
+    """Quantiles of each marginal from the exact CDF, by safeguarded Newton iteration.
+
+    Each step takes the Newton step (F(x) - q) / f(x) when it stays inside the current
+    bracket and bisects otherwise, so it converges like bisection in the worst case and
+    quadratically near the root: about 8 CDF evaluations instead of 60 halvings.
 
     Parameters
     ----------
     params : mixture with logits (n, K)
     q : Tensor of shape (m,), probabilities strictly inside (0, 1)
-    iterations : bisection steps; 60 halvings shrink the bracket below float64 resolution.
+    iterations : the most steps taken; stops earlier once every Newton step (or the
+        bracket) is within a few ulps of x. The stopping rule is on x, not on F(x) - q:
+        between separated modes F is nearly flat, and a small F error is a large x error.
 
     Returns
     -------
     Tensor of shape (m, n, d)
     """
-    _, loc, sd = _marginals(params)
+    log_w, loc, sd = _marginals(params)
+    w = log_w.exp()
     # Every quantile in (1e-12, 1 - 1e-12) lies within 8 sds of some component.
     lo = (loc - 8 * sd).amin(-2).expand(len(q), *loc.shape[:-2], loc.shape[-1]).clone()
     hi = (loc + 8 * sd).amax(-2).expand_as(lo).clone()
     target = q.to(loc).reshape(-1, *([1] * (lo.dim() - 1)))
+    eps = torch.finfo(loc.dtype).eps
+    unit = sd.amin(-2)  # (n, d): the finest length scale of each marginal
+    x = (lo + hi) / 2
     for _ in range(iterations):
-        mid = (lo + hi) / 2
-        below = marginal_cdf(params, mid) < target
-        lo = torch.where(below, mid, lo)
-        hi = torch.where(below, hi, mid)
-    return (lo + hi) / 2
+        z = (x.unsqueeze(-2) - loc) / sd
+        cdf = (w * torch.special.ndtr(z)).sum(-2)
+        pdf = (w * torch.exp(-0.5 * z * z) / (sd * math.sqrt(2 * math.pi))).sum(-2)
+        err = cdf - target
+        below = err < 0
+        lo = torch.where(below, x, lo)
+        hi = torch.where(below, hi, x)
+        newton = x - err / pdf
+        inside = (newton > lo) & (newton < hi) & (pdf > 0)
+        tol = 8 * eps * (x.abs() + unit)
+        done = (hi - lo <= tol) | (inside & ((newton - x).abs() <= tol))
+        x = torch.where(inside, newton, (lo + hi) / 2)
+        if bool(done.all()):
+            break
+    return x
 
 
 def mean(params: MixtureParams) -> Tensor:
