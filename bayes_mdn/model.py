@@ -148,16 +148,21 @@ class MixtureDensityModel(nn.Module):
         return dist.Normal(torch.zeros_like(scale), scale).expand(shape).to_event(len(shape))
 
     def log_prior(self, weights: Mapping[str, Tensor]) -> Tensor:
-        """Sum of the prior log densities of unbatched latent weights, a scalar Tensor.
+        """Sum of the prior log densities of the latent weights.
 
         The value of summing ``self.prior(name).log_prob(w)`` over ``weights``, computed
-        without building distribution objects (the fused MAP loss calls it every step).
+        without building distribution objects (the fused losses call it every step).
+        Each weight has shape (*B, *site_shape) with the same leading batch shape B
+        (possibly empty); returns a Tensor of shape B.
         """
         total = self.prior_scale.new_zeros(())
         for name, value in weights.items():
+            event = len(self.latent_shapes[name])
             scale = getattr(self, self._prior_names[name])
-            total = total - 0.5 * (value / scale).pow(2).sum()
-            total = total - value.numel() * (scale.log() + 0.5 * math.log(2 * math.pi))
+            square = (value / scale).pow(2)
+            total = total - 0.5 * square.flatten(square.dim() - event).sum(-1)
+            numel = math.prod(self.latent_shapes[name])
+            total = total - numel * (scale.log() + 0.5 * math.log(2 * math.pi))
         return total
 
     def forward(
