@@ -26,7 +26,6 @@ from torch import Tensor, nn
 from ._archive import read_archive, write_archive
 from ._utils import pyro_scope, resolve_device, seeded
 from .guides import PointGuide, draw_latents, is_deterministic
-from .mixtures import mixture_distribution
 from .model import MixtureDensityModel
 
 __all__ = [
@@ -173,7 +172,11 @@ def _make_scheduler(
 def validation_nll(
     model: MixtureDensityModel, guide: nn.Module, x: Tensor, y: Tensor, num_draws: int
 ) -> float:
-    """Negative log posterior-predictive density per point, log-mean-exp over draws."""
+    """Negative log posterior-predictive density per point, log-mean-exp over draws.
+
+    Rows are evaluated in chunks (``model.log_predictive_density``), so memory stays
+    bounded however large the validation split.
+    """
     draws = 1 if is_deterministic(guide) else num_draws
     weights = draw_latents(guide, draws)
     return -model.log_predictive_density(x, y, weights).mean().item()
@@ -190,19 +193,7 @@ def _scaled_log_likelihood(
 
     Weights may carry one leading particle dimension P, giving shape (P,); else a scalar.
     """
-    # The mixture is evaluated in standardized units, and the Jacobian of the map back to
-    # y's units is added once: the same density the model reports, without rescaling
-    # every component, and without building Pyro distribution objects.
-    params = model.net((x - model.x_loc) / model.x_scale, weights)
-    z = (y - model.y_loc) / model.y_scale
-    if params.covariance == "diagonal":
-        log_comp = (-0.5 * ((z.unsqueeze(-2) - params.loc) / params.scale).pow(2)).sum(-1)
-        log_comp = log_comp - params.scale.log().sum(-1)
-        log_lik = torch.logsumexp(torch.log_softmax(params.logits, -1) + log_comp, -1)
-        log_lik = log_lik - 0.5 * params.event_dim * math.log(2 * math.pi)
-    else:
-        log_lik = mixture_distribution(params).log_prob(z)
-    log_lik = log_lik - model.y_scale.log().sum()
+    log_lik = model.log_density(x, y, weights)
     size = len(x) if n_total is None else n_total
     if size != len(x):
         # As Pyro's subsampled plate does: scale each term, then sum.

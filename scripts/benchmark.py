@@ -590,6 +590,7 @@ def main(argv: list[str] | None = None) -> int:
         }
     }
     started = time.perf_counter()
+    text = ""
     sections: list[tuple[str, Callable[[], Any]]] = [
         ("step", lambda: bench_step(settings)),
         ("target", lambda: bench_target(settings)),
@@ -602,14 +603,20 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         result[name] = fn()
         print(f"[{name}] {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-    result["meta"]["seconds"] = time.perf_counter() - started
+        # Written after every section, so a long run that fails late keeps what it measured.
+        result["meta"]["seconds"] = time.perf_counter() - started
+        text = _write(result, args)
+    print(text)
+    return 0
+
+
+def _write(result: dict, args: argparse.Namespace) -> str:
     write_json(args.out, result)
     md_path = Path(args.markdown) if args.markdown else Path(args.out).with_suffix(".md")
     text = markdown(result)
     with atomic_path(md_path) as tmp:
         tmp.write_text(text)
-    print(text)
-    return 0
+    return text
 
 
 if __name__ == "__main__":

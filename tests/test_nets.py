@@ -74,3 +74,18 @@ def test_batched_last_layer_only():
     p = net(x, {"head.weight": w})
     assert p.loc.shape == (5, 4, 3, 2)
     torch.testing.assert_close(p.loc[2], net(x).loc)
+
+
+@pytest.mark.parametrize(("covariance", "d_y"), [("diagonal", 1), ("diagonal", 2), ("full", 3)])
+def test_select_keeps_one_component(covariance, d_y):
+    # select + split(n_components=1) gives exactly the chosen component's parameters.
+    net = MixtureDensityNetwork(2, d_y, 4, (5,), covariance=covariance)
+    out = net.raw(torch.randn(6, 2))
+    assert out.shape == (6, net.n_outputs)
+    full = net.split(out)
+    component = torch.tensor([0, 3, 1, 2, 3, 0])
+    one = net.split(net.select(out, component), n_components=1)
+    rows = torch.arange(6)
+    torch.testing.assert_close(one.logits[:, 0], full.logits[rows, component])
+    torch.testing.assert_close(one.loc[:, 0], full.loc[rows, component])
+    torch.testing.assert_close(one.scale[:, 0], full.scale[rows, component])
