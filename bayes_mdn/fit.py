@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-import operator
 import os
 import time
 from collections.abc import Sequence
@@ -22,6 +21,8 @@ import torch
 from pyro.infer import JitTrace_ELBO, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 from torch import Tensor, nn
+from torch.distributions import transform_to
+from torch.distributions.transforms import ComposeTransform, IndependentTransform
 
 from ._archive import read_archive, write_archive
 from ._utils import pyro_scope, resolve_device, seeded
@@ -201,6 +202,42 @@ def _scaled_log_likelihood(
     return log_lik.sum(-1)
 
 
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+class _ConstrainedParams:
+    """Reads the constrained values of PyroParams, as ``attrgetter(name)(module)`` does,
+    without going through ``PyroModule.__getattr__`` on every step.
+
+    That lookup resolves the constraint and issues a (module-local) ``pyro.param``
+    effect per parameter, about 0.15 ms per step at two sites: a tenth of a small
+    step. Here each parameter's unconstrained ``nn.Parameter`` and its transform are
+    looked up once; ``load_state_dict`` copies into those same tensors, so they stay
+    current.
+    """
+
+    def __init__(self, module: nn.Module, names: Sequence[str]) -> None:
+        self.entries = []
+        for name in names:
+            owner_name, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(owner_name)
+            constraint, _ = owner._pyro_params[leaf]
+            transform = transform_to(constraint)
+            # The identity on real sites (every weight): skip the call altogether.
+            if isinstance(transform, IndependentTransform):
+                transform = transform.base_transform
+            identity = isinstance(transform, ComposeTransform) and not transform.parts
+            self.entries.append(
+                (name, getattr(owner, leaf + "_unconstrained"), None if identity else transform)
+            )
+
+    def __call__(self) -> dict[str, Tensor]:
+        return {
+            name: value if transform is None else transform(value)
+            for name, value, transform in self.entries
+        }
+
+
 class MapLoss(nn.Module):
     """The negative ELBO of a deterministic guide, computed directly.
 
@@ -225,6 +262,7 @@ class MapLoss(nn.Module):
             )
         self.model = model
         self.guide = guide
+        self._params: _ConstrainedParams | None = None
 
     def forward(
         self,
@@ -243,10 +281,12 @@ class MapLoss(nn.Module):
     ) -> dict[str, Tensor]:
         if isinstance(self.guide, PointGuide):
             return {}
-        if self.guide.prototype_trace is None:
-            # AutoDelta creates its parameters when it first runs the model.
-            self.guide(x, y, subsample=subsample, n_total=n_total)
-        return {name: operator.attrgetter(name)(self.guide) for name in self.model.latent_names}
+        if self._params is None:
+            if self.guide.prototype_trace is None:
+                # AutoDelta creates its parameters when it first runs the model.
+                self.guide(x, y, subsample=subsample, n_total=n_total)
+            self._params = _ConstrainedParams(self.guide, self.model.latent_names)
+        return self._params()
 
 
 class MeanFieldLoss(nn.Module):
@@ -281,6 +321,8 @@ class MeanFieldLoss(nn.Module):
         self.model = model
         self.guide = guide
         self.num_particles = num_particles
+        self._locs: _ConstrainedParams | None = None
+        self._scales: _ConstrainedParams | None = None
 
     def forward(
         self,
@@ -291,26 +333,27 @@ class MeanFieldLoss(nn.Module):
         n_total: int | None = None,
     ) -> Tensor:
         guide = self.guide
-        if guide.prototype_trace is None:
-            # Create the guide's parameters without drawing from it, so the first step
-            # consumes the random stream exactly as Trace_ELBO's first step does.
-            guide._setup_prototype(x, y, subsample=subsample, n_total=n_total)
+        if self._locs is None or self._scales is None:
+            if guide.prototype_trace is None:
+                # Create the guide's parameters without drawing from it, so the first step
+                # consumes the random stream exactly as Trace_ELBO's first step does.
+                guide._setup_prototype(x, y, subsample=subsample, n_total=n_total)
+            self._locs = _ConstrainedParams(guide.locs, self.model.latent_names)
+            self._scales = _ConstrainedParams(guide.scales, self.model.latent_names)
         particles = self.num_particles
         weights = {}
         log_q = x.new_zeros(())
-        for name in self.model.latent_names:
-            loc = operator.attrgetter(name)(guide.locs)
-            scale = operator.attrgetter(name)(guide.scales)
+        scales = self._scales()
+        for name, loc in self._locs().items():
+            scale = scales[name]
             shape = loc.shape if particles == 1 else (particles, *loc.shape)
             eps = torch.empty(shape, dtype=loc.dtype, device=loc.device).normal_()
             value = loc + eps * scale
-            # Normal.log_prob, term for term, so gradients agree with Trace_ELBO's.
-            log_density = (
-                -((value - loc) ** 2) / (2 * scale**2)
-                - scale.log()
-                - math.log(math.sqrt(2 * math.pi))
-            )
-            log_q = log_q + log_density.flatten(log_density.dim() - loc.dim()).sum(-1)
+            # log q(w) with (w - loc) / scale = eps: the value of Normal(loc, scale)
+            # .log_prob(w) and, as a function of loc and scale, the same gradient (equal
+            # to rounding), in two cheap terms; eps carries no gradient.
+            square = eps.flatten(eps.dim() - loc.dim()).pow(2).sum(-1)
+            log_q = log_q - 0.5 * square - (scale.log().sum() + loc.numel() * _HALF_LOG_2PI)
             weights[name] = value
         log_lik = _scaled_log_likelihood(self.model, x, y, weights, n_total)
         elbo = log_lik + self.model.log_prior(weights) - log_q

@@ -157,11 +157,11 @@ def sample_predictive(
             raw = model.raw(x[sl], weights)
             if raw.dim() == 2:
                 raw = raw.expand(num_samples, *raw.shape)
-            probs = torch.softmax(raw[..., : net.n_components], -1)
-            u = torch.rand(raw.shape[:-1], dtype=raw.dtype, device=device)
+            cdf = torch.softmax(raw[..., : net.n_components], -1).cumsum_(-1)
+            u = torch.rand(*raw.shape[:-1], 1, dtype=raw.dtype, device=device)
             # The first component whose cumulative weight exceeds u; the clamp guards
             # against a cumulative sum that rounds to just below 1.
-            component = (probs.cumsum(-1) <= u.unsqueeze(-1)).sum(-1)
+            component = torch.searchsorted(cdf, u, right=True).squeeze(-1)
             component = component.clamp_max(net.n_components - 1)
             params = model.to_user_units(net.split(net.select(raw, component), 1))
             loc = params.loc.squeeze(-2)

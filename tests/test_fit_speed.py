@@ -204,3 +204,52 @@ def test_log_prior_with_batch_dims():
     expected = sum(model.prior(n).log_prob(w) for n, w in weights.items())
     assert expected.shape == (4,)
     torch.testing.assert_close(model.log_prior(weights), expected, rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("guide_name", ["delta", "normal"])
+def test_constrained_params_read_what_pyro_reads(guide_name):
+    # The cached reader returns the values PyroModule.__getattr__ returns, and keeps
+    # returning the current values after an optimizer step and a load_state_dict.
+    import operator
+
+    from bayes_mdn.fit import _ConstrainedParams
+
+    model, _, x, y = _problem("all")
+    guide = make_guide(model, guide_name, init_scale=0.3)
+    with pyro_scope():
+        loss = _make_loss(model, guide, FitConfig())
+        loss(x, y)
+        modules = [guide] if guide_name == "delta" else [guide.locs, guide.scales]
+        readers = [_ConstrainedParams(m, model.latent_names) for m in modules]
+        saved = {k: v.clone() for k, v in loss.state_dict().items()}
+        optimizer = torch.optim.SGD(loss.parameters(), lr=0.1)
+        loss(x, y).backward()
+        optimizer.step()
+        for _ in range(2):
+            for module, reader in zip(modules, readers):
+                values = reader()
+                assert list(values) == model.latent_names
+                for name, value in values.items():
+                    torch.testing.assert_close(value, operator.attrgetter(name)(module))
+            loss.load_state_dict(saved)
+
+
+def test_log_prior_follows_changed_prior_scales():
+    # The cached prior constants follow in-place changes of the buffers, dtype and device
+    # moves: the value always equals the prior distributions'.
+    model, guide, x, y = _problem("last")
+    weights = {n: torch.randn(s, dtype=torch.float64) for n, s in model.latent_shapes.items()}
+
+    def expected():
+        return sum(model.prior(n).log_prob(w.to(model.prior_scale)) for n, w in weights.items())
+
+    first = model.log_prior(weights)
+    torch.testing.assert_close(first, expected())
+    for name in model.latent_names:
+        getattr(model, model._prior_names[name]).mul_(0.5)
+    torch.testing.assert_close(model.log_prior(weights), expected())
+    assert model.log_prior(weights) != first
+    model.float()
+    value = model.log_prior({n: w.float() for n, w in weights.items()})
+    assert value.dtype == torch.float32
+    torch.testing.assert_close(value, expected().float())

@@ -89,3 +89,19 @@ def test_select_keeps_one_component(covariance, d_y):
     torch.testing.assert_close(one.logits[:, 0], full.logits[rows, component])
     torch.testing.assert_close(one.loc[:, 0], full.loc[rows, component])
     torch.testing.assert_close(one.scale[:, 0], full.scale[rows, component])
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "w_batch"), [((7, 3), 4), ((4, 7, 3), 4), ((1, 7, 3), 4), ((4, 7, 3), 1)]
+)
+def test_batched_linear_matches_per_draw_linear(x_shape, w_batch):
+    from bayes_mdn.nets import _linear
+
+    x = torch.randn(x_shape)
+    weight, bias = torch.randn(w_batch, 5, 3), torch.randn(w_batch, 5)
+    out = _linear(x, weight, bias)
+    assert out.shape == (4, 7, 5)
+    for i in range(4):
+        xi = x if x.dim() == 2 else x[i % len(x)]
+        j = i % w_batch
+        torch.testing.assert_close(out[i], torch.nn.functional.linear(xi, weight[j], bias[j]))
