@@ -3,8 +3,9 @@
 The posterior predictive p(y | x, D) of a Bayesian MDN, estimated with S posterior
 draws of the weights, is itself a Gaussian mixture with S x K components. Its density,
 CDF, quantiles, moments and modes are therefore computed exactly from that pooled
-mixture; only y draws are random (through ``pyro.infer.Predictive``). Work is split
-into chunks of x so that memory stays bounded whatever the number of points.
+mixture; only y draws are random (the model's generative process, run directly on the
+network's outputs). Work is split into chunks of x so that memory stays bounded
+whatever the number of points.
 """
 
 from __future__ import annotations
