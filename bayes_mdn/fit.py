@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import torch
-from pyro.infer import JitTrace_ELBO, Trace_ELBO
+from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 from torch import Tensor, nn
 from torch.distributions import transform_to
@@ -61,10 +61,12 @@ class FitConfig:
     input_noise : standard deviation of Gaussian noise added to each standardized input
         at every step, 0 for none. Noise regularization (Rothfuss et al., 2019) smooths
         p(y | x) along x; it is the most effective regularizer for MDNs in their study.
-    jit : compile the ELBO with ``JitTrace_ELBO`` for a stochastic guide, in place of the
-        fused mean-field objective (:class:`MeanFieldLoss`, the faster choice for
-        ``AutoNormal``) or ``Trace_ELBO`` (other guides); the MAP objective of a
-        deterministic guide is always computed directly (:class:`MapLoss`)
+    jit : compile the ELBO with ``JitTrace_ELBO``. Not available: under module-local
+        parameters, Pyro 1.9's ``JitTrace_ELBO`` looks its parameters up in the global
+        param store and fails (KeyError). The deterministic and mean-field guides
+        ignore it, their objectives being computed directly (:class:`MapLoss`,
+        :class:`MeanFieldLoss`, faster than the JIT-compiled ELBO); ``"lowrank"``
+        refuses it with a ValueError when the fit starts.
     seed : seed of every random choice of the fit; None for fresh randomness
     device : "auto", "cpu", "cuda" or "cuda:N"
     progress : show a tqdm progress bar
@@ -365,20 +367,24 @@ def _make_loss(model: MixtureDensityModel, guide: nn.Module, config: FitConfig) 
     Deterministic guides get :class:`MapLoss`, the same objective as ``Trace_ELBO`` at a
     fraction of the per-step cost (particles and JIT change nothing for a point mass).
     ``AutoNormal`` gets :class:`MeanFieldLoss`, the same estimator from the same draws as
-    ``Trace_ELBO``, unless ``config.jit`` asks for ``JitTrace_ELBO``. Other stochastic
-    guides get ``Trace_ELBO`` (``JitTrace_ELBO`` with ``config.jit``). Particles are
-    vectorized in one pass throughout.
+    ``Trace_ELBO``. Other stochastic guides get ``Trace_ELBO``, particles vectorized in
+    one pass. ``config.jit`` is refused for those (see :class:`FitConfig`).
     """
     if is_deterministic(guide):
         return MapLoss(model, guide)
-    if isinstance(guide, AutoNormal) and not config.jit:
+    if isinstance(guide, AutoNormal):
         return MeanFieldLoss(model, guide, config.num_particles)
-    elbo_cls = JitTrace_ELBO if config.jit else Trace_ELBO
-    elbo = elbo_cls(
+    if config.jit:
+        raise ValueError(
+            f"jit=True does not work with the {type(guide).__name__} guide: Pyro's "
+            "JitTrace_ELBO needs the global param store, and bayes_mdn keeps parameters "
+            "module-local; use jit=False (guide='normal' and 'delta' are computed directly "
+            "and ignore jit)"
+        )
+    elbo = Trace_ELBO(
         num_particles=config.num_particles,
         vectorize_particles=config.num_particles > 1,
         max_plate_nesting=1,
-        ignore_jit_warnings=True,
     )
     return elbo(model, guide)
 
