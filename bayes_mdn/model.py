@@ -14,10 +14,13 @@ from torch import Tensor, nn
 from .mixtures import affine, mixture_distribution
 from .nets import MixtureDensityNetwork, MixtureParams
 
-__all__ = ["BAYESIAN_LAYERS", "OBS_SITE", "MixtureDensityModel"]
+__all__ = ["BAYESIAN_LAYERS", "DEFAULT_MAX_ELEMENTS", "OBS_SITE", "MixtureDensityModel"]
 
 BAYESIAN_LAYERS = ("none", "last", "all")
 OBS_SITE = "obs"
+# Elements of the largest (draws x points x outputs) tensor built at once by the chunked
+# evaluations (predict.py uses the same budget).
+DEFAULT_MAX_ELEMENTS = 2**23
 
 Bayesian = Literal["none", "last", "all"]
 
@@ -108,6 +111,27 @@ class MixtureDensityModel(nn.Module):
         params = dict(self.net.named_parameters())
         return {name: params[name].detach().clone() for name in self.latent_shapes}
 
+    def _flat(self, weights: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+        """Latent weights with their batch dimensions flattened into one, B."""
+        flat = {}
+        for name, value in (weights or {}).items():
+            event = self.latent_shapes[name]
+            batch = value.shape[: value.dim() - len(event)]
+            flat[name] = value.reshape(-1, *event) if len(batch) else value
+        return flat
+
+    def raw(self, x: Tensor, weights: Mapping[str, Tensor] | None = None) -> Tensor:
+        """The network's raw output for x in the user's units, shape (B?, n, P).
+
+        See :meth:`bayes_mdn.nets.MixtureDensityNetwork.raw`; the parameters it gives
+        are in standardized units of y (map them back with :meth:`to_user_units`).
+        """
+        return self.net.raw((x - self.x_loc) / self.x_scale, self._flat(weights))
+
+    def to_user_units(self, params: MixtureParams) -> MixtureParams:
+        """Mixture parameters in standardized units of y -> in y's units."""
+        return affine(params, self.y_loc, self.y_scale)
+
     def mixture(self, x: Tensor, weights: Mapping[str, Tensor] | None = None) -> MixtureParams:
         """Mixture parameters in the units of y.
 
@@ -120,26 +144,56 @@ class MixtureDensityModel(nn.Module):
         -------
         MixtureParams with logits (n, K) or (B, n, K) when the weights are batched.
         """
-        flat = {}
-        for name, value in (weights or {}).items():
-            event = self.latent_shapes[name]
-            batch = value.shape[: value.dim() - len(event)]
-            flat[name] = value.reshape(-1, *event) if len(batch) else value
-        z = self.net((x - self.x_loc) / self.x_scale, flat)
-        return affine(z, self.y_loc, self.y_scale)
+        return self.to_user_units(self.net.split(self.raw(x, weights)))
+
+    def log_density(
+        self, x: Tensor, y: Tensor, weights: Mapping[str, Tensor] | None = None
+    ) -> Tensor:
+        """log p(y | x, w) in y's units, one value per draw of the weights and row.
+
+        x: (n, d_x); y: (n, d_y); weights: each (*B, *param_shape) or absent.
+        Returns a Tensor of shape (B, n), or (n,) without batched weights.
+        """
+        # The mixture is evaluated in standardized units and the Jacobian of the map back
+        # to y's units is added once: the density mixture(x, w) reports, without rescaling
+        # every component or building distribution objects (the losses call this per step).
+        params = self.net.split(self.raw(x, weights))
+        z = (y - self.y_loc) / self.y_scale
+        if params.covariance == "diagonal":
+            log_comp = (-0.5 * ((z.unsqueeze(-2) - params.loc) / params.scale).pow(2)).sum(-1)
+            log_comp = log_comp - params.scale.log().sum(-1)
+            log_p = torch.logsumexp(torch.log_softmax(params.logits, -1) + log_comp, -1)
+            log_p = log_p - 0.5 * params.event_dim * math.log(2 * math.pi)
+        else:
+            log_p = mixture_distribution(params).log_prob(z)
+        return log_p - self.y_scale.log().sum()
 
     def log_predictive_density(
-        self, x: Tensor, y: Tensor, weights: Mapping[str, Tensor] | None = None
+        self,
+        x: Tensor,
+        y: Tensor,
+        weights: Mapping[str, Tensor] | None = None,
+        max_elements: int = DEFAULT_MAX_ELEMENTS,
     ) -> Tensor:
         """log p(y | x) averaged over draws of the weights: log-mean-exp over B draws.
 
         x: (n, d_x); y: (n, d_y); weights: each (B, *param_shape) or absent.
-        Returns a Tensor of shape (n,).
+        Rows are taken in chunks so that no tensor of more than about ``max_elements``
+        (draws x rows x outputs) is built at once. Returns a Tensor of shape (n,).
         """
-        log_p = mixture_distribution(self.mixture(x, weights)).log_prob(y)
-        if log_p.dim() == 1:
-            return log_p
-        return torch.logsumexp(log_p, 0) - math.log(log_p.shape[0])
+        flat = self._flat(weights)
+        draws = 1
+        for name, value in flat.items():
+            if value.dim() > len(self.latent_shapes[name]):
+                draws = value.shape[0]
+        size = max(1, max_elements // (draws * self.net.n_outputs))
+        outs = []
+        for start in range(0, len(x), size):
+            log_p = self.log_density(x[start : start + size], y[start : start + size], flat)
+            if log_p.dim() == 2:
+                log_p = torch.logsumexp(log_p, 0) - math.log(log_p.shape[0])
+            outs.append(log_p)
+        return torch.cat(outs) if outs else x.new_zeros(0)
 
     def prior(self, name: str) -> dist.Distribution:
         """The prior of latent site ``name``."""
@@ -148,17 +202,48 @@ class MixtureDensityModel(nn.Module):
         return dist.Normal(torch.zeros_like(scale), scale).expand(shape).to_event(len(shape))
 
     def log_prior(self, weights: Mapping[str, Tensor]) -> Tensor:
-        """Sum of the prior log densities of unbatched latent weights, a scalar Tensor.
+        """Sum of the prior log densities of the latent weights.
 
         The value of summing ``self.prior(name).log_prob(w)`` over ``weights``, computed
-        without building distribution objects (the fused MAP loss calls it every step).
+        without building distribution objects (the fused losses call it every step).
+        Each weight has shape (*B, *site_shape) with the same leading batch shape B
+        (possibly empty); returns a Tensor of shape B.
         """
+        coefs, consts = self._prior_constants()
         total = self.prior_scale.new_zeros(())
         for name, value in weights.items():
-            scale = getattr(self, self._prior_names[name])
-            total = total - 0.5 * (value / scale).pow(2).sum()
-            total = total - value.numel() * (scale.log() + 0.5 * math.log(2 * math.pi))
+            event = len(self.latent_shapes[name])
+            if value.dim() == event:
+                # One fused product instead of square, then sum: the MAP loss's case.
+                flat = value.reshape(-1)
+                square = torch.dot(flat, flat)
+            else:
+                square = value.flatten(value.dim() - event).pow(2).sum(-1)
+            total = total + (coefs[name] * square + consts[name])
         return total
+
+    def _prior_constants(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Per site, -1 / (2 scale^2) and the normalizing constant of its prior.
+
+        Cached while the prior-scale buffers are the same tensors, unmodified (their
+        version counters unchanged), so that a step pays for none of these scalar ops.
+        """
+        buffers = [getattr(self, self._prior_names[name]) for name in self.latent_shapes]
+        # The key holds the buffers themselves, so a freed buffer's id is never reused.
+        key = getattr(self, "_prior_cache_key", None)
+        if key is None or not all(
+            a is b and version == b._version for (a, version), b in zip(key, buffers)
+        ):
+            key = [(b, b._version) for b in buffers]
+            with torch.no_grad():
+                coefs, consts = {}, {}
+                for name, scale in zip(self.latent_shapes, buffers):
+                    coefs[name] = -0.5 / scale.pow(2)
+                    numel = math.prod(self.latent_shapes[name])
+                    consts[name] = -numel * (scale.log() + 0.5 * math.log(2 * math.pi))
+            self._prior_cache = (coefs, consts)
+            self._prior_cache_key = key
+        return self._prior_cache
 
     def forward(
         self,

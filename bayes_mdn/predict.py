@@ -3,23 +3,22 @@
 The posterior predictive p(y | x, D) of a Bayesian MDN, estimated with S posterior
 draws of the weights, is itself a Gaussian mixture with S x K components. Its density,
 CDF, quantiles, moments and modes are therefore computed exactly from that pooled
-mixture; only y draws are random (through ``pyro.infer.Predictive``). Work is split
-into chunks of x so that memory stays bounded whatever the number of points.
+mixture; only y draws are random (the model's generative process, run directly on the
+network's outputs). Work is split into chunks of x so that memory stays bounded
+whatever the number of points.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 
 import torch
-from pyro.infer import Predictive
 from torch import Tensor, nn
 
 from . import mixtures
 from ._utils import pyro_scope, seeded
 from .guides import draw_latents, is_deterministic
-from .model import OBS_SITE, MixtureDensityModel
+from .model import DEFAULT_MAX_ELEMENTS, MixtureDensityModel
 from .nets import MixtureParams
 
 __all__ = [
@@ -37,9 +36,6 @@ __all__ = [
     "sample_predictive",
     "uncertainty_decomposition",
 ]
-
-# Elements of the largest (draws x points x components x d) tensor built at once.
-DEFAULT_MAX_ELEMENTS = 2**23
 
 
 def _effective_draws(guide: nn.Module, num_draws: int) -> int:
@@ -126,12 +122,8 @@ def log_predictive_density(
 ) -> Tensor:
     """log p(y | x, D) = log (1/S) sum_s p(y | x, theta_s), shape (n,), in y's units."""
     weights = posterior_weights(model, guide, num_draws, seed)
-
-    def lpd(params: MixtureParams, sl: slice) -> Tensor:
-        log_p = mixtures.log_prob(params, y[sl])
-        return torch.logsumexp(log_p, 0) - math.log(log_p.shape[0])
-
-    return _map_chunks(model, x, weights, lpd, max_elements)
+    with torch.no_grad():
+        return model.log_predictive_density(x, y, weights, max_elements)
 
 
 def sample_predictive(
@@ -142,32 +134,44 @@ def sample_predictive(
     seed: int | None = 0,
     max_elements: int = DEFAULT_MAX_ELEMENTS,
 ) -> Tensor:
-    """Posterior-predictive draws of y with ``pyro.infer.Predictive``: (S, n, d).
+    """Posterior-predictive draws of y: (S, n, d).
 
     Each draw takes its own posterior draw of the weights, then y from the mixture
-    those weights give, so the draws carry both kinds of uncertainty.
+    those weights give, so the draws carry both kinds of uncertainty. The draw is the
+    model's generative process (what ``pyro.infer.Predictive`` would run), done
+    directly: a component by inverting the CDF of the mixture weights with one uniform
+    per draw and point, then a Gaussian draw from that component only. The transforms
+    of the scales and the normal draws thus cost one component, not K.
     """
     if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
         raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
     device = model.prior_scale.device
     net = model.net
-    # Each draw builds its own (K, d, d) Cholesky factors under full covariance.
-    per_point = num_samples * net.n_components * net.d_y
-    per_point *= net.d_y if net.covariance == "full" else 1
+    per_point = num_samples * net.n_outputs
     outs = []
     with pyro_scope(), seeded(seed, device), torch.no_grad():
-        weights = draw_latents(guide, num_samples) if model.latent_shapes else {}
-        if weights:
-            predictive = Predictive(
-                model, posterior_samples=weights, return_sites=[OBS_SITE], parallel=True
-            )
-        else:
-            predictive = Predictive(
-                model, num_samples=num_samples, return_sites=[OBS_SITE], parallel=True
-            )
+        weights = draw_latents(guide, num_samples)
+        if is_deterministic(guide):
+            # Every draw has the same weights: run the network once.
+            weights = {name: value[0] for name, value in weights.items()}
         for sl in _chunks(len(x), per_point, max_elements):
-            # y=None: with y given, Predictive would return y itself, copied S times.
-            outs.append(predictive(x[sl], None)[OBS_SITE].reshape(num_samples, -1, net.d_y))
+            raw = model.raw(x[sl], weights)
+            if raw.dim() == 2:
+                raw = raw.expand(num_samples, *raw.shape)
+            cdf = torch.softmax(raw[..., : net.n_components], -1).cumsum_(-1)
+            u = torch.rand(*raw.shape[:-1], 1, dtype=raw.dtype, device=device)
+            # The first component whose cumulative weight exceeds u; the clamp guards
+            # against a cumulative sum that rounds to just below 1.
+            component = torch.searchsorted(cdf, u, right=True).squeeze(-1)
+            component = component.clamp_max(net.n_components - 1)
+            params = model.to_user_units(net.split(net.select(raw, component), 1))
+            loc = params.loc.squeeze(-2)
+            eps = torch.randn(loc.shape, dtype=loc.dtype, device=device)
+            if params.covariance == "full":
+                scale_tril = params.scale.squeeze(-3)
+                outs.append(loc + (scale_tril @ eps.unsqueeze(-1)).squeeze(-1))
+            else:
+                outs.append(loc + params.scale.squeeze(-2) * eps)
     return torch.cat(outs, dim=1)
 
 

@@ -81,6 +81,8 @@ FULL = {
     "big_batch": 4096,
     "k_rows": 10**4,
     "k_values": [5, 10, 20, 50],
+    "scaling_epochs": 2,
+    "scaling_repeats": 3,
 }
 QUICK = {
     "n_train": 400,
@@ -101,6 +103,8 @@ QUICK = {
     "big_batch": None,
     "k_rows": 300,
     "k_values": [3],
+    "scaling_epochs": 1,
+    "scaling_repeats": 1,
 }
 TARGET_GAP = 0.05
 SECTIONS = ("step", "target", "predictive", "scaling")
@@ -412,51 +416,137 @@ def _spawn(job: dict) -> dict:
 
 
 def bench_predictive(s: dict, threads: int) -> list[dict]:
+    jobs = [
+        (fn, me, threads)
+        for fn in ("sample_predictive", "log_predictive_density")
+        for me in s["max_elements"]
+    ]
+    # Sampling at the default chunk size again with every core: whether more threads pay
+    # (on a shared machine the other cores are busy, and oversubscribing them costs).
+    cores = os.cpu_count() or 1
+    if cores > threads:
+        jobs.append(("sample_predictive", predict.DEFAULT_MAX_ELEMENTS, cores))
     rows = []
-    for fn in ("sample_predictive", "log_predictive_density"):
-        for me in s["max_elements"]:
-            job = {
-                "kind": "predictive",
-                "fn": fn,
-                "max_elements": me,
+    for fn, me, n_threads in jobs:
+        job = {
+            "kind": "predictive",
+            "fn": fn,
+            "max_elements": me,
+            "draws": s["pred_draws"],
+            "points": s["pred_points"],
+            "repeats": s["pred_repeats"],
+            "hidden": s["hidden"],
+            "components": s["components"],
+            "threads": n_threads,
+        }
+        rows.append(
+            {
+                "function": fn,
                 "draws": s["pred_draws"],
                 "points": s["pred_points"],
-                "repeats": s["pred_repeats"],
-                "hidden": s["hidden"],
-                "components": s["components"],
-                "threads": threads,
+                "max_elements": me,
+                "threads": n_threads,
+                **_spawn(job),
             }
-            rows.append(
-                {
-                    "function": fn,
-                    "draws": s["pred_draws"],
-                    "points": s["pred_points"],
-                    "max_elements": me,
-                    **_spawn(job),
-                }
-            )
+        )
     return rows
 
 
 def bench_scaling(s: dict, threads: int) -> dict:
-    def fit_job(rows: int, batch: int, k: int) -> dict:
-        epochs = 1 if rows >= 10**6 else 2
-        job = {
-            "kind": "fit",
-            "rows": rows,
-            "batch": batch,
-            "epochs": epochs,
-            "hidden": s["hidden"],
-            "components": k,
-            "threads": threads,
-        }
-        return {"rows": rows, "batch": batch, "components": k, "epochs": epochs, **_spawn(job)}
-
-    by_rows = [fit_job(n, s["rows_batch"], s["components"]) for n in s["rows"]]
+    """Fits of ``scaling_epochs`` epochs per setting, each in a fresh process, repeated
+    ``scaling_repeats`` times in interleaved rounds; medians per setting."""
+    epochs = s["scaling_epochs"]
+    settings = [(n, s["rows_batch"], s["components"]) for n in s["rows"]]
     if s["big_batch"]:
-        by_rows.append(fit_job(s["rows"][-1], s["big_batch"], s["components"]))
-    by_k = [fit_job(s["k_rows"], s["rows_batch"], k) for k in s["k_values"]]
-    return {"guide": "normal", "bayesian": "last", "by_rows": by_rows, "by_components": by_k}
+        settings.append((s["rows"][-1], s["big_batch"], s["components"]))
+    settings += [(s["k_rows"], s["rows_batch"], k) for k in s["k_values"]]
+    runs: dict[tuple, list[dict]] = {key: [] for key in settings}
+    for _ in range(s["scaling_repeats"]):
+        for rows, batch, k in settings:
+            job = {
+                "kind": "fit",
+                "rows": rows,
+                "batch": batch,
+                "epochs": epochs,
+                "hidden": s["hidden"],
+                "components": k,
+                "threads": threads,
+            }
+            runs[(rows, batch, k)].append(_spawn(job))
+
+    def summary(key: tuple) -> dict:
+        rows, batch, k = key
+        out = {"rows": rows, "batch": batch, "components": k, "epochs": epochs}
+        for field in runs[key][0]:
+            if field != "peak_reset":
+                out[field] = _median([r[field] for r in runs[key]])
+        out["peak_reset"] = all(r["peak_reset"] for r in runs[key])
+        out["repeats"] = len(runs[key])
+        return out
+
+    n_rows = len(s["rows"]) + (1 if s["big_batch"] else 0)
+    return {
+        "guide": "normal",
+        "bayesian": "last",
+        "by_rows": [summary(key) for key in settings[:n_rows]],
+        "by_components": [summary(key) for key in settings[n_rows:]],
+    }
+
+
+def targets(result: dict) -> list[dict]:
+    """The targets of issue #7 checked against this run's numbers (those it measured)."""
+    out = []
+    step = {r["guide"] + "/" + r["bayesian"]: r for r in result.get("step", [])}
+    for key, label, limit in (
+        ("delta/last", "MAP step / hand-written step", 1.1),
+        ("normal/last", "mean-field last-layer step / hand-written step", 1.5),
+    ):
+        if key in step:
+            value = step[key]["ratio"]
+            out.append({"target": label, "limit": limit, "value": value, "met": value <= limit})
+    for r in result.get("predictive", []):
+        if r["function"] == "sample_predictive" and r["max_elements"] == (
+            predict.DEFAULT_MAX_ELEMENTS
+        ):
+            out.append(
+                {
+                    "target": f"{r['draws']} draws x {r['points']} x, seconds "
+                    f"({r['threads']} thread(s), default chunks)",
+                    "limit": 2.0,
+                    "value": r["seconds"],
+                    "met": r["seconds"] <= 2.0,
+                }
+            )
+    by_rows = [
+        r
+        for r in result.get("scaling", {}).get("by_rows", [])
+        if r["batch"] == (result["meta"]["settings"]["rows_batch"])
+    ]
+    if by_rows:
+        big = by_rows[-1]
+        out.append(
+            {
+                "target": f"peak RSS MB, fit on {big['rows']:,} rows",
+                "limit": 1536,
+                "value": big["peak_rss_mb"],
+                "met": big["peak_rss_mb"] < 1536,
+            }
+        )
+    if len(by_rows) > 1:
+        # Linear in N: the cost per row of an epoch stays flat (within 2x of the median
+        # over sizes; the smallest sizes carry the fixed cost of a fit).
+        per_row = [r["seconds_per_epoch"] / r["rows"] for r in by_rows]
+        spread = max(per_row[1:]) / min(per_row[1:]) if len(per_row) > 2 else 1.0
+        out.append(
+            {
+                "target": "epoch time linear in N: max/min seconds per row, sizes >= "
+                f"{by_rows[1]['rows']:,}",
+                "limit": 2.0,
+                "value": spread,
+                "met": spread <= 2.0,
+            }
+        )
+    return out
 
 
 # -- report ----------------------------------------------------------------------------------
@@ -476,8 +566,11 @@ def markdown(result: dict) -> str:
         "",
         f"Generated by `scripts/benchmark.py{' --quick' if m['quick'] else ''}` on "
         f"{m['machine']}, torch {m['torch']}, {m['threads']} torch thread(s), "
-        f"load average {m['load_average']} at start. Timings are medians of runs interleaved "
-        "across variants; on a shared machine they are noisy, ratios less so.",
+        f"load average {m['load_average']} at start"
+        + (f", {m['load_average_end']} at the end" if "load_average_end" in m else "")
+        + ". The machine is shared with other users' jobs: every timing is the median of "
+        "repeated runs interleaved across the variants it is compared with (A, B, A, B, "
+        "...), so that load drift hits them alike; absolute times are noisy, ratios less so.",
     ]
     if "step" in result:
         lines += [
@@ -519,14 +612,18 @@ def markdown(result: dict) -> str:
             "",
             "## Posterior predictive (bayesian=last, guide=normal)",
             "",
-            "| function | draws x points | max_elements | seconds | draws*points/s "
+            f"Median of {st['pred_repeats']} calls after a warm-up call, in a fresh process "
+            "per row; peak RSS growth is over the process's size after setup.",
+            "",
+            "| function | draws x points | max_elements | threads | seconds | draws*points/s "
             "| peak RSS growth MB | peak RSS MB |",
-            "|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in result["predictive"]:
             lines.append(
                 f"| {r['function']} | {r['draws']} x {r['points']} | "
-                f"2^{int(math.log2(r['max_elements']))} | {_fmt(r['seconds'])} | "
+                f"2^{int(math.log2(r['max_elements']))} | {r['threads']} | "
+                f"{_fmt(r['seconds'])} | "
                 f"{_fmt(r['draws_x_points_per_second'])} | {_fmt(r['peak_growth_mb'])} | "
                 f"{_fmt(r['peak_rss_mb'])} |"
             )
@@ -536,6 +633,11 @@ def markdown(result: dict) -> str:
             "",
             "## Scaling of fit_svi (bayesian=last, guide=normal, val_fraction=0.1)",
             "",
+            f"Each row: median of {st['scaling_repeats']} fits of {st['scaling_epochs']} "
+            "epoch(s), each in a fresh process, the settings interleaved round by round. "
+            "Seconds per epoch are the whole fit_svi time (setup, the steps, and the "
+            "validation pass over the held-out 10% after every epoch) over the epochs.",
+            "",
             "| rows | batch | K | s/epoch | ms/step | peak RSS growth MB | peak RSS MB |",
             "|---|---|---|---|---|---|---|",
         ]
@@ -544,6 +646,28 @@ def markdown(result: dict) -> str:
                 f"| {r['rows']:,} | {r['batch']} | {r['components']} | "
                 f"{_fmt(r['seconds_per_epoch'])} | {_fmt(r['seconds_per_step'] * 1e3)} | "
                 f"{_fmt(r['peak_growth_mb'])} | {_fmt(r['peak_rss_mb'])} |"
+            )
+    if result.get("targets"):
+        lines += [
+            "",
+            "## Targets of issue #7 on this run",
+            "",
+            *(
+                [
+                    "Quick run: tiny sizes, so these rows only show the check works; the "
+                    "targets are about the full run's sizes.",
+                    "",
+                ]
+                if m["quick"]
+                else []
+            ),
+            "| target | limit | measured | met |",
+            "|---|---|---|---|",
+        ]
+        for r in result["targets"]:
+            lines.append(
+                f"| {r['target']} | {r['limit']} | {_fmt(r['value'])} | "
+                f"{'yes' if r['met'] else 'no'} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -590,6 +714,7 @@ def main(argv: list[str] | None = None) -> int:
         }
     }
     started = time.perf_counter()
+    text = ""
     sections: list[tuple[str, Callable[[], Any]]] = [
         ("step", lambda: bench_step(settings)),
         ("target", lambda: bench_target(settings)),
@@ -602,14 +727,22 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         result[name] = fn()
         print(f"[{name}] {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-    result["meta"]["seconds"] = time.perf_counter() - started
+        # Written after every section, so a long run that fails late keeps what it measured.
+        result["meta"]["seconds"] = time.perf_counter() - started
+        result["meta"]["load_average_end"] = round(os.getloadavg()[0], 2)
+        result["targets"] = targets(result)
+        text = _write(result, args)
+    print(text)
+    return 0
+
+
+def _write(result: dict, args: argparse.Namespace) -> str:
     write_json(args.out, result)
     md_path = Path(args.markdown) if args.markdown else Path(args.out).with_suffix(".md")
     text = markdown(result)
     with atomic_path(md_path) as tmp:
         tmp.write_text(text)
-    print(text)
-    return 0
+    return text
 
 
 if __name__ == "__main__":

@@ -47,8 +47,11 @@ def test_quick_benchmark_writes_every_section(tmp_path):
     assert scaling["by_rows"] and scaling["by_components"]
     assert all(r["seconds_per_epoch"] > 0 for r in scaling["by_rows"] + scaling["by_components"])
     assert all(math.isfinite(v) for v in _numbers(result))
+    assert {t["target"].split(" ")[0] for t in result["targets"]} >= {"MAP", "mean-field"}
+    assert all(isinstance(t["met"], bool) for t in result["targets"])
     markdown = out.with_suffix(".md").read_text()
     assert "| MAP (bayesian=last, delta) |" in markdown and "## Scaling" in markdown
+    assert "## Targets of issue #7" in markdown
 
 
 def test_benchmark_help_and_bad_section(capsys):

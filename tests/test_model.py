@@ -104,3 +104,23 @@ def test_mixture_is_in_the_units_of_y():
 def test_bad_options():
     with pytest.raises(ValueError, match="bayesian"):
         small_model("some")
+
+
+@pytest.mark.parametrize(("covariance", "d_y"), [("diagonal", 1), ("diagonal", 2), ("full", 2)])
+def test_log_density_and_chunked_predictive_density(covariance, d_y):
+    # The direct density equals the distribution's, per draw; chunking changes nothing.
+    from bayes_mdn.mixtures import mixture_distribution
+
+    model = small_model("last", d_x=2, d_y=d_y, covariance=covariance)
+    model.y_loc.fill_(0.3)
+    model.y_scale.fill_(2.0)
+    x, y = torch.randn(13, 2), torch.randn(13, d_y)
+    weights = {n: 0.3 * torch.randn(5, *s) for n, s in model.latent_shapes.items()}
+    per_draw = model.log_density(x, y, weights)
+    assert per_draw.shape == (5, 13)
+    expected = mixture_distribution(model.mixture(x, weights)).log_prob(y)
+    torch.testing.assert_close(per_draw, expected, rtol=1e-5, atol=1e-5)
+    whole = model.log_predictive_density(x, y, weights)
+    torch.testing.assert_close(whole, torch.logsumexp(expected, 0) - torch.log(torch.tensor(5.0)))
+    chunked = model.log_predictive_density(x, y, weights, max_elements=1)
+    torch.testing.assert_close(chunked, whole)

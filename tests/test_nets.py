@@ -74,3 +74,34 @@ def test_batched_last_layer_only():
     p = net(x, {"head.weight": w})
     assert p.loc.shape == (5, 4, 3, 2)
     torch.testing.assert_close(p.loc[2], net(x).loc)
+
+
+@pytest.mark.parametrize(("covariance", "d_y"), [("diagonal", 1), ("diagonal", 2), ("full", 3)])
+def test_select_keeps_one_component(covariance, d_y):
+    # select + split(n_components=1) gives exactly the chosen component's parameters.
+    net = MixtureDensityNetwork(2, d_y, 4, (5,), covariance=covariance)
+    out = net.raw(torch.randn(6, 2))
+    assert out.shape == (6, net.n_outputs)
+    full = net.split(out)
+    component = torch.tensor([0, 3, 1, 2, 3, 0])
+    one = net.split(net.select(out, component), n_components=1)
+    rows = torch.arange(6)
+    torch.testing.assert_close(one.logits[:, 0], full.logits[rows, component])
+    torch.testing.assert_close(one.loc[:, 0], full.loc[rows, component])
+    torch.testing.assert_close(one.scale[:, 0], full.scale[rows, component])
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "w_batch"), [((7, 3), 4), ((4, 7, 3), 4), ((1, 7, 3), 4), ((4, 7, 3), 1)]
+)
+def test_batched_linear_matches_per_draw_linear(x_shape, w_batch):
+    from bayes_mdn.nets import _linear
+
+    x = torch.randn(x_shape)
+    weight, bias = torch.randn(w_batch, 5, 3), torch.randn(w_batch, 5)
+    out = _linear(x, weight, bias)
+    assert out.shape == (4, 7, 5)
+    for i in range(4):
+        xi = x if x.dim() == 2 else x[i % len(x)]
+        j = i % w_batch
+        torch.testing.assert_close(out[i], torch.nn.functional.linear(xi, weight[j], bias[j]))
