@@ -478,10 +478,19 @@ class BayesianMDN:
             out.append(row[:, 0] if self._y_1d else row)
         return out
 
-    def sample(self, X: Any, n_samples: int = 100, seed: Any = "default") -> np.ndarray:
-        """Posterior-predictive draws: shape (n_samples, n) or (n_samples, n, d_y)."""
+    def sample(
+        self, X: Any, n_samples: int = 100, seed: Any = "default", sampler: str = "predictive"
+    ) -> np.ndarray:
+        """Posterior-predictive draws: shape (n_samples, n) or (n_samples, n, d_y).
+
+        ``sampler="predictive"`` draws through ``pyro.infer.Predictive``; ``"direct"`` runs
+        the same generative process without Pyro's tracing, about 2.5 times faster (see
+        :func:`bayes_mdn.predict.sample_predictive`).
+        """
         x = self._x(X)
-        s = _predict.sample_predictive(self.model_, self.guide_, x, n_samples, self._seed(seed))
+        s = _predict.sample_predictive(
+            self.model_, self.guide_, x, n_samples, self._seed(seed), sampler=sampler
+        )
         return self._out(s)
 
     def log_prob(

@@ -100,3 +100,29 @@ def test_bad_counts():
         predict.sample_predictive(model, g, torch.zeros(2, 1), num_samples=0)
     with pytest.raises(ValueError, match="level"):
         predict.predictive_interval(model, g, torch.zeros(2, 1), level=1.5)
+
+
+@pytest.mark.parametrize("covariance", ["diagonal", "full"])
+def test_both_samplers_draw_the_same_distribution(covariance):
+    model, g = model_and_guide("last", "normal", d_y=2, covariance=covariance)
+    x, y = small_data(3, d_y=2)
+    with pyro_scope():
+        g(x, y)
+    a = predict.sample_predictive(model, g, x, num_samples=40_000, seed=0, sampler="predictive")
+    b = predict.sample_predictive(model, g, x, num_samples=40_000, seed=1, sampler="direct")
+    assert a.shape == b.shape == (40_000, 3, 2)
+    # Standard errors of the means and sds are below 0.01 at 40,000 draws of O(1) spread.
+    torch.testing.assert_close(a.mean(0), b.mean(0), atol=0.05, rtol=0)
+    torch.testing.assert_close(a.std(0), b.std(0), atol=0.05, rtol=0.02)
+    q = torch.tensor([0.1, 0.5, 0.9])
+    exact = predict.predictive_quantiles(model, g, x, q, num_draws=40_000, seed=0)
+    for draws in (a, b):
+        torch.testing.assert_close(
+            torch.quantile(draws, q, dim=0).movedim(0, 1), exact, atol=0.06, rtol=0
+        )
+
+
+def test_unknown_sampler():
+    model, g = fitted()
+    with pytest.raises(ValueError, match="sampler"):
+        predict.sample_predictive(model, g, torch.zeros(2, 1), sampler="gibbs")
