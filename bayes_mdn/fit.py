@@ -539,14 +539,14 @@ def fit_svi(
                     _copy_state(live_state, best_state)
                 else:
                     stale += 1
-                bar.set_postfix(loss=f"{epoch_loss:.4f}", val=f"{score:.4f}")
+                bar.set_postfix(loss=f"{epoch_loss:.4f}", val=f"{score:.4f}", refresh=False)
                 if config.patience is not None and stale >= config.patience:
                     history.stopped_early = True
             else:
                 # Without a validation split the last finite state is the one kept.
                 _copy_state(live_state, best_state)
                 history.best_epoch = epoch
-                bar.set_postfix(loss=f"{epoch_loss:.4f}")
+                bar.set_postfix(loss=f"{epoch_loss:.4f}", refresh=False)
             if checkpoint is not None and (
                 (epoch + 1) % checkpoint_every == 0
                 or epoch + 1 == config.epochs
