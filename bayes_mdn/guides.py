@@ -91,7 +91,7 @@ def make_guide(
     model: MixtureDensityModel,
     name: GuideName = "normal",
     *,
-    init_scale: float = 0.01,
+    init_scale: float = 1e-3,
     rank: int | None = None,
 ) -> nn.Module:
     """An autoguide over the model's latent weights.

@@ -63,7 +63,7 @@ class MixtureDensityModel(nn.Module):
         net: MixtureDensityNetwork,
         *,
         bayesian: Bayesian = "last",
-        prior_scale: float = 1.0,
+        prior_scale: float = 32.0,
         x_loc: Tensor,
         x_scale: Tensor,
         y_loc: Tensor,

@@ -128,10 +128,10 @@ class MixtureDensityNetwork(nn.Module):
         d_x: int,
         d_y: int,
         n_components: int,
-        hidden: Sequence[int] = (64, 64),
+        hidden: Sequence[int] = (64, 16),
         activation: str = "tanh",
         covariance: Covariance = "diagonal",
-        min_scale: float = 1e-3,
+        min_scale: float = 0.02,
     ) -> None:
         super().__init__()
         for name, value in (("d_x", d_x), ("d_y", d_y), ("n_components", n_components)):

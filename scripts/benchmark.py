@@ -65,7 +65,7 @@ STEP_VARIANTS = [
 FULL = {
     "n_train": 5000,
     "batch": 500,
-    "hidden": [64, 64],
+    "hidden": [64, 16],
     "components": 20,
     "step_epochs": 4,
     "repeats": 9,

@@ -7,11 +7,14 @@ from bayes_mdn.model import MixtureDensityModel
 from bayes_mdn.nets import MixtureDensityNetwork
 
 
-def small_model(bayesian="last", d_x=1, d_y=1, k=3, hidden=(8,), covariance="diagonal"):
+def small_model(
+    bayesian="last", d_x=1, d_y=1, k=3, hidden=(8,), covariance="diagonal", prior_scale=1.0
+):
     net = MixtureDensityNetwork(d_x, d_y, k, hidden, covariance=covariance)
     return MixtureDensityModel(
         net,
         bayesian=bayesian,
+        prior_scale=prior_scale,
         x_loc=torch.zeros(d_x),
         x_scale=torch.ones(d_x),
         y_loc=torch.zeros(d_y),
