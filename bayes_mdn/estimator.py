@@ -320,26 +320,9 @@ class BayesianMDN:
         x_scale = x.std(0)
         x_scale = torch.where(x_scale > 0, x_scale, torch.ones_like(x_scale))
 
-        with seeded(self.seed, device):
-            net = MixtureDensityNetwork(
-                d_x=x.shape[1],
-                d_y=yt.shape[1],
-                n_components=self.n_components,
-                hidden=tuple(self.hidden),
-                activation=self.activation,
-                covariance=self.covariance,
-                min_scale=self.min_scale,
-            ).to(device=device, dtype=dtype)
-        model = MixtureDensityModel(
-            net,
-            bayesian=self.bayesian,
-            prior_scale=self.prior_scale,
-            x_loc=x.mean(0),
-            x_scale=x_scale,
-            y_loc=yt.mean(0),
-            y_scale=yt.std(0),
+        model, guide = self._build_model(
+            x.shape[1], yt.shape[1], (x.mean(0), x_scale, yt.mean(0), yt.std(0)), self.seed
         )
-        guide = make_guide(model, self.guide, init_scale=float(self.init_scale), rank=self.rank)
         self.history_: FitHistory = fit_svi(
             model,
             guide,
@@ -380,6 +363,42 @@ class BayesianMDN:
         from .io import save
 
         save(self, path)
+
+    def _build_model(
+        self,
+        d_x: int,
+        d_y: int,
+        stats: tuple[Tensor, Tensor, Tensor, Tensor],
+        init_seed: int | None,
+    ) -> tuple[MixtureDensityModel, torch.nn.Module]:
+        """The network, Pyro model and guide these settings describe (not yet fitted).
+
+        ``stats`` is (x_loc, x_scale, y_loc, y_scale), on the device and dtype the model
+        should live on; ``init_seed`` seeds the network's initialization.
+        """
+        device, dtype = stats[0].device, stats[0].dtype
+        with seeded(init_seed, device):
+            net = MixtureDensityNetwork(
+                d_x=d_x,
+                d_y=d_y,
+                n_components=self.n_components,
+                hidden=tuple(self.hidden),
+                activation=self.activation,
+                covariance=self.covariance,
+                min_scale=self.min_scale,
+            ).to(device=device, dtype=dtype)
+        x_loc, x_scale, y_loc, y_scale = stats
+        model = MixtureDensityModel(
+            net,
+            bayesian=self.bayesian,
+            prior_scale=self.prior_scale,
+            x_loc=x_loc,
+            x_scale=x_scale,
+            y_loc=y_loc,
+            y_scale=y_scale,
+        )
+        guide = make_guide(model, self.guide, init_scale=float(self.init_scale), rank=self.rank)
+        return model, guide
 
     # -- prediction ------------------------------------------------------------------
     def _check_fitted(self) -> None:

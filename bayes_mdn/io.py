@@ -18,9 +18,6 @@ from ._archive import ModelFileError, read_archive, write_archive
 from ._utils import pyro_scope, resolve_device, seeded
 from .estimator import DTYPES, BayesianMDN
 from .fit import FitHistory
-from .guides import make_guide
-from .model import MixtureDensityModel
-from .nets import MixtureDensityNetwork
 
 __all__ = ["FORMAT_VERSION", "ModelFileError", "load", "save"]
 
@@ -139,26 +136,15 @@ def _rebuild(header: dict[str, Any], device: torch.device, device_name: str) -> 
     # Building the network draws an initialization that load_state_dict overwrites; the
     # fork keeps the caller's random stream untouched by loading.
     with seeded(0, device):
-        net = MixtureDensityNetwork(
-            d_x=d_x,
-            d_y=d_y,
-            n_components=est.n_components,
-            hidden=tuple(est.hidden),
-            activation=est.activation,
-            covariance=est.covariance,
-            min_scale=est.min_scale,
-        ).to(device=device, dtype=dtype)
-        model = MixtureDensityModel(
-            net,
-            bayesian=est.bayesian,
-            prior_scale=est.prior_scale,
-            x_loc=torch.zeros(d_x),
-            x_scale=torch.ones(d_x),
-            y_loc=torch.zeros(d_y),
-            y_scale=torch.ones(d_y),
+        # load_state_dict replaces the placeholder standardization below.
+        placeholders = (
+            torch.zeros(d_x, device=device, dtype=dtype),
+            torch.ones(d_x, device=device, dtype=dtype),
+            torch.zeros(d_y, device=device, dtype=dtype),
+            torch.ones(d_y, device=device, dtype=dtype),
         )
+        model, guide = est._build_model(d_x, d_y, placeholders, init_seed=0)
         model.load_state_dict(header["model"])
-        guide = make_guide(model, est.guide, init_scale=float(est.init_scale), rank=est.rank)
         # Autoguides create their parameters on the first call: run one on a dummy batch
         # so that the saved values have somewhere to go.
         with pyro_scope():
