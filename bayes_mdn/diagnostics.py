@@ -198,9 +198,12 @@ def to_inference_data(
     log_lik = pointwise_log_likelihood(model, x, yt, weights)  # (S or 1, n)
 
     with seeded(None if seed is None else seed + 1, device), torch.no_grad():
-        mix = mixtures.mixture_distribution(model.mixture(x, weights))
         # One y per posterior draw; a deterministic fit has one network, drawn from S times.
-        y_rep = mix.sample() if posterior else mix.sample((draws,)).reshape(draws, n, d)
+        if posterior:
+            y_rep = model.sample(x, weights)
+        else:
+            point = {name: value[0] for name, value in weights.items()}
+            y_rep = model.sample(x, point, num_draws=draws)
 
     def chained(t: Tensor) -> np.ndarray:
         # Always an explicit chain axis: without it ArviZ reads S draws as S chains.

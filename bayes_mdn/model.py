@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Literal
+from typing import ClassVar, Literal
 
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.distributions import TorchDistribution, constraints
 from torch import Tensor, nn
 
 from .mixtures import affine, mixture_distribution
@@ -20,7 +21,7 @@ BAYESIAN_LAYERS = ("none", "last", "all")
 OBS_SITE = "obs"
 # Elements of the largest (draws x points x outputs) tensor built at once by the chunked
 # evaluations (predict.py uses the same budget).
-DEFAULT_MAX_ELEMENTS = 2**23
+DEFAULT_MAX_ELEMENTS = 2**21
 
 Bayesian = Literal["none", "last", "all"]
 
@@ -146,6 +147,20 @@ class MixtureDensityModel(nn.Module):
         """
         return self.to_user_units(self.net.split(self.raw(x, weights)))
 
+    def sample(
+        self,
+        x: Tensor,
+        weights: Mapping[str, Tensor] | None = None,
+        num_draws: int | None = None,
+        max_elements: int = DEFAULT_MAX_ELEMENTS,
+    ) -> Tensor:
+        """Draws of y in y's units: (B, n, d) with batched weights, (num_draws, n, d)
+        with ``num_draws``, else (n, d). See :meth:`MixtureDensityNetwork.sample`."""
+        z = self.net.sample(
+            (x - self.x_loc) / self.x_scale, self._flat(weights), num_draws, max_elements
+        )
+        return self.y_loc + self.y_scale * z
+
     def log_density(
         self, x: Tensor, y: Tensor, weights: Mapping[str, Tensor] | None = None
     ) -> Tensor:
@@ -267,9 +282,79 @@ class MixtureDensityModel(nn.Module):
         The observed or sampled y, shape (n, d_y) or (B, n, d_y).
         """
         weights = {name: pyro.sample(name, self.prior(name)) for name in self.latent_shapes}
-        likelihood = mixture_distribution(self.mixture(x, weights))
+        likelihood = _Likelihood(self, x, weights)
         size = len(x) if n_total is None else n_total
         if subsample is None and size != len(x):
             subsample = torch.arange(len(x), device=x.device)
         with pyro.plate("data", size, subsample=subsample, dim=-1):
             return pyro.sample(OBS_SITE, likelihood, obs=y)
+
+
+class _Likelihood(TorchDistribution):
+    """p(y | x, w) of the mixture network, as the distribution of the observed site.
+
+    Its values are those of ``mixture_distribution(model.mixture(x, weights))``, but
+    nothing is computed until asked: ``log_prob`` is :meth:`MixtureDensityModel.log_density`
+    (the mixture in standardized units plus the Jacobian) and ``sample`` is
+    :meth:`MixtureDensityModel.sample`, which transforms only the drawn component. This
+    is what makes ``pyro.infer.Predictive`` and ``Trace_ELBO`` as fast as the fused
+    code paths. Batch shape (B, n) with batched weights, else (n,); ``expand`` adds
+    independent draws in front (Predictive without latent weights).
+    """
+
+    arg_constraints: ClassVar[dict] = {}
+    support = constraints.independent(constraints.real, 1)
+    has_rsample = False
+
+    def __init__(
+        self,
+        model: MixtureDensityModel,
+        x: Tensor,
+        weights: Mapping[str, Tensor],
+        batch_shape: torch.Size | None = None,
+    ) -> None:
+        self.model, self.x, self.weights = model, x, model._flat(weights)
+        natural = self._natural_shape()
+        super().__init__(
+            natural if batch_shape is None else batch_shape,
+            torch.Size([model.net.d_y]),
+            validate_args=False,
+        )
+
+    def _natural_shape(self) -> torch.Size:
+        for name, value in self.weights.items():
+            if value.dim() > len(self.model.latent_shapes[name]):
+                return torch.Size([value.shape[0], len(self.x)])
+        return torch.Size([len(self.x)])
+
+    def expand(self, batch_shape, _instance=None) -> _Likelihood:
+        batch_shape = torch.Size(batch_shape)
+        natural = self._natural_shape()
+        if len(batch_shape) < len(natural) or not all(
+            a == b or b == 1 for a, b in zip(batch_shape[-len(natural) :], natural)
+        ):
+            raise ValueError(
+                f"cannot expand a likelihood of batch shape {natural} to {batch_shape}"
+            )
+        return _Likelihood(self.model, self.x, self.weights, batch_shape)
+
+    def sample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:  # noqa: B008
+        shape = torch.Size(sample_shape) + self.batch_shape
+        natural = self._natural_shape()
+        weights = self.weights
+        with torch.no_grad():
+            if len(natural) == 2 and natural[0] == 1:
+                # One draw of the weights shared by every draw of y.
+                weights = {name: value[0] for name, value in weights.items()}
+                natural = natural[1:]
+            if len(natural) == 1:
+                y = self.model.sample(self.x, weights, num_draws=math.prod(shape[:-1]))
+            else:
+                # Batched weights: one pass per draw of y for each draw of the weights.
+                repeats = math.prod(shape[:-2])
+                y = torch.stack([self.model.sample(self.x, weights) for _ in range(repeats)])
+        return y.reshape(*shape, *self.event_shape)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        log_p = self.model.log_density(self.x, value, self.weights)
+        return log_p.expand(torch.broadcast_shapes(log_p.shape, self.batch_shape))

@@ -200,44 +200,109 @@ class MixtureDensityNetwork(nn.Module):
         """The output layer before any transform, shape (B?, n, ``n_outputs``).
 
         Columns: K logits, then K*d locations, K*d raw scales, K*d(d-1)/2 raw Cholesky
-        entries, each block component-major. :meth:`split` turns it into parameters;
-        :meth:`select` keeps one component per row (what a sampler needs).
+        entries, each block component-major. :meth:`split` turns it into parameters.
         """
+        weights = weights or {}
+        w = weights.get("head.weight", self.head.weight)
+        return _linear(self.features(x, weights), w, weights.get("head.bias", self.head.bias))
+
+    def features(self, x: Tensor, weights: Mapping[str, Tensor] | None = None) -> Tensor:
+        """The last hidden layer's output (the head's input), shape (B?, n, width)."""
         weights = weights or {}
         h = x
         for name, layer in zip(self.layer_names[:-1], self.hidden):
             w = weights.get(f"{name}.weight", layer.weight)
             b = weights.get(f"{name}.bias", layer.bias)
             h = self.activation(_linear(h, w, b))
-        w = weights.get("head.weight", self.head.weight)
-        return _linear(h, w, weights.get("head.bias", self.head.bias))
+        return h
 
     @property
     def n_outputs(self) -> int:
         """Width of the output layer."""
         return sum(self._sizes)
 
-    def select(self, out: Tensor, component: Tensor) -> Tensor:
-        """The columns of one component per row of a raw output.
+    @torch.no_grad()
+    def sample(
+        self,
+        x: Tensor,
+        weights: Mapping[str, Tensor] | None = None,
+        num_draws: int | None = None,
+        max_elements: int = 2**21,
+    ) -> Tensor:
+        """One draw of y per draw of the weights and row of x, in the network's units.
 
-        out: (..., P) from :meth:`raw`; component: integer Tensor of shape (...) with
-        values in [0, K). Returns the raw output of a one-component mixture, shape
-        (..., P / K), which ``split(..., n_components=1)`` turns into parameters, so
-        that transforms (softplus) run on one component instead of K.
+        The generative process of the mixture, computed for speed rather than read off
+        :meth:`forward`: a component by inverting the CDF of the mixture weights, then
+        only that component's scale transform and Gaussian draw. The head's output is
+        laid out as (B, outputs, rows), one matrix product for all draws, so that the
+        reductions over components run along contiguous rows of x (about twice as fast
+        as the (B, rows, outputs) layout of :meth:`raw` at 1,000 draws).
+
+        Parameters
+        ----------
+        x : Tensor of shape (n, d_x)
+        weights : as in :meth:`forward`; all batched weights share one batch size B
+        num_draws : with unbatched weights, the number of independent draws of y
+        max_elements : rows are taken in chunks so that no (B, outputs, rows) tensor has
+            more elements than this
+
+        Returns
+        -------
+        Tensor of shape (B, n, d), (num_draws, n, d), or (n, d) with neither.
         """
+        weights = weights or {}
+        h = self.features(x, weights)
+        w = weights.get("head.weight", self.head.weight)
+        b = weights.get("head.bias", self.head.bias)
+        batched = w.dim() == 3 or h.dim() == 3
+        draws = w.shape[0] if w.dim() == 3 else h.shape[0] if h.dim() == 3 else num_draws or 1
+        # The bias as one more input column: one product with no second pass over the output.
+        w = torch.cat([w, b.unsqueeze(-1)], -1)
+        h = torch.cat([h, h.new_ones(*h.shape[:-1], 1)], -1)
+        if w.dim() == 3 and h.dim() == 2:
+            w = w.reshape(-1, w.shape[-1])  # (B * P, width + 1): one matrix product
+        n_out = self.n_outputs
+        size = max(1, max_elements // (draws * n_out))
+        out = []
+        for start in range(0, len(x), size):
+            chunk = h[..., start : start + size, :].mT
+            head = (w @ chunk).reshape(-1, n_out, chunk.shape[-1])  # (B or 1, P, rows)
+            out.append(self._sample_head(head, draws))
+        y = torch.cat(out, dim=1) if out else x.new_zeros(draws, 0, self.d_y)
+        return y if batched or num_draws is not None else y[0]
+
+    def _sample_head(self, head: Tensor, draws: int) -> Tensor:
+        """Draws of y from head outputs of shape (B or 1, P, rows): (draws, rows, d)."""
         k, d = self.n_components, self.d_y
+        rows = head.shape[-1]
+        # Inverse CDF of the mixture weights, unnormalized: u is scaled by the total.
+        logits = head[:, :k]
+        cdf = (logits - logits.amax(1, keepdim=True)).exp_().cumsum_(1)
+        u = torch.rand(draws, 1, rows, dtype=head.dtype, device=head.device)
+        u = u * cdf[:, -1:]
+        # The chosen component is the number of cumulative weights below u; counting
+        # one component at a time keeps the comparisons small and never reaches K.
+        component = torch.zeros(draws, 1, rows, dtype=torch.long, device=head.device)
+        for j in range(k - 1):
+            component += cdf[:, j : j + 1] < u
+        # The rows of the head's output that belong to the chosen component.
         n_tril = self._sizes[3] // k
-        comp = component.unsqueeze(-1)
-        columns = [comp]
-        start = k
+        offsets, strides, start = [], [], k
         for width in (d, d, n_tril):
-            columns.append(start + comp * width + torch.arange(width, device=out.device))
+            offsets.append(start + torch.arange(width, device=head.device))
+            strides.append(torch.full((width,), width, device=head.device))
             start += k * width
-        return out.gather(-1, torch.cat(columns, -1))
+        index = torch.cat(offsets)[:, None] + torch.cat(strides)[:, None] * component
+        chosen = head.expand(draws, *head.shape[1:]).gather(1, index)
+        params = self.split(torch.cat([component.to(head.dtype), chosen], 1).mT, 1)
+        eps = torch.randn(draws, rows, d, dtype=head.dtype, device=head.device)
+        if params.covariance == "full":
+            return params.loc[..., 0, :] + (params.scale[..., 0, :, :] @ eps.unsqueeze(-1))[..., 0]
+        return params.loc[..., 0, :] + params.scale[..., 0, :] * eps
 
     def split(self, out: Tensor, n_components: int | None = None) -> MixtureParams:
-        """Mixture parameters from a raw output: of :meth:`raw`, or of :meth:`select`
-        with ``n_components=1``."""
+        """Mixture parameters from a raw output (of :meth:`raw`; of one component per
+        row with ``n_components=1``)."""
         k = self.n_components if n_components is None else n_components
         d = self.d_y
         n_tril = d * (d - 1) // 2 if self.covariance == "full" else 0

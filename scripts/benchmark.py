@@ -424,10 +424,10 @@ def bench_predictive(s: dict, threads: int) -> list[dict]:
         for fn in ("sample_predictive", "log_predictive_density")
         for me in s["max_elements"]
     ]
+    # The direct sampler (the model's sampler without Pyro's tracing) at the default chunks.
+    jobs.append(("sample_predictive_direct", predict.DEFAULT_MAX_ELEMENTS, threads))
     # Sampling at the default chunk size again with every core: whether more threads pay
     # (on a shared machine the other cores are busy, and oversubscribing them costs).
-    # The direct sampler (same generative process, no Pyro tracing) at the default chunks.
-    jobs.append(("sample_predictive_direct", predict.DEFAULT_MAX_ELEMENTS, threads))
     cores = os.cpu_count() or 1
     if cores > threads:
         jobs.append(("sample_predictive", predict.DEFAULT_MAX_ELEMENTS, cores))

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from bayes_mdn import mixtures
 from bayes_mdn.nets import MixtureDensityNetwork, MixtureParams
 
 
@@ -77,18 +78,53 @@ def test_batched_last_layer_only():
 
 
 @pytest.mark.parametrize(("covariance", "d_y"), [("diagonal", 1), ("diagonal", 2), ("full", 3)])
-def test_select_keeps_one_component(covariance, d_y):
-    # select + split(n_components=1) gives exactly the chosen component's parameters.
-    net = MixtureDensityNetwork(2, d_y, 4, (5,), covariance=covariance)
-    out = net.raw(torch.randn(6, 2))
-    assert out.shape == (6, net.n_outputs)
-    full = net.split(out)
-    component = torch.tensor([0, 3, 1, 2, 3, 0])
-    one = net.split(net.select(out, component), n_components=1)
-    rows = torch.arange(6)
-    torch.testing.assert_close(one.logits[:, 0], full.logits[rows, component])
-    torch.testing.assert_close(one.loc[:, 0], full.loc[rows, component])
-    torch.testing.assert_close(one.scale[:, 0], full.scale[rows, component])
+def test_sample_follows_the_mixture(covariance, d_y):
+    # Each coordinate's draws against the exact marginal CDF of the mixture (KS distance),
+    # and for full covariance the sample covariance against the exact one.
+    torch.manual_seed(0)
+    net = MixtureDensityNetwork(2, d_y, 4, (5,), covariance=covariance).double()
+    with torch.no_grad():
+        net.head.weight.mul_(20)  # distinct, unequal components per row
+    x = torch.randn(3, 2, dtype=torch.float64)
+    n = 20_000
+    y = net.sample(x, num_draws=n, max_elements=500)  # several chunks of x
+    assert y.shape == (n, 3, d_y)
+    with torch.no_grad():
+        params = net(x)
+    pit = mixtures.marginal_cdf(params, y).sort(0).values  # (n, 3, d)
+    grid = torch.arange(1, n + 1, dtype=torch.float64)[:, None, None] / n
+    ks = (pit - grid).abs().amax(0)
+    assert float(ks.max()) < 1.8 / n**0.5  # KS critical value at about 0.3% per test
+    if covariance == "full":
+        for row in range(3):
+            sample_cov = torch.cov(y[:, row].T)
+            exact = mixtures.covariance(params)[row]
+            torch.testing.assert_close(
+                sample_cov, exact, atol=0.05 * float(exact.abs().max()), rtol=0
+            )
+
+
+@pytest.mark.parametrize("layers", ["head", "all"])
+def test_sample_uses_each_draw_of_the_weights(layers):
+    # Draw b of y comes from weights b: shifting one draw's location bias shifts only it.
+    torch.manual_seed(1)
+    net = MixtureDensityNetwork(1, 1, 3, (6,)).double()
+    params = dict(net.named_parameters())
+    names = [n for n in params if layers == "all" or n.startswith("head")]
+    weights = {n: params[n].detach().expand(4, *params[n].shape).clone() for n in names}
+    weights["head.bias"][2, 3:6] += 100.0  # the location block of draw 2
+    x = torch.randn(5, 1, dtype=torch.float64)
+    y = torch.stack([net.sample(x, weights) for _ in range(200)])  # (200, 4, 5, 1)
+    assert y.shape == (200, 4, 5, 1)
+    shift = y.mean(0) - y.mean(0)[0]
+    assert float(shift[2].min()) > 90
+    assert float(shift[[1, 3]].abs().max()) < 5
+
+
+def test_sample_without_weights_or_rows():
+    net = MixtureDensityNetwork(2, 2, 3, (4,))
+    assert net.sample(torch.randn(6, 2)).shape == (6, 2)
+    assert net.sample(torch.zeros(0, 2), num_draws=5).shape == (5, 0, 2)
 
 
 @pytest.mark.parametrize(
