@@ -183,6 +183,7 @@ class MixtureDensityModel(nn.Module):
             log_p = mixture_distribution(params).log_prob(z)
         return log_p - self.y_scale.log().sum()
 
+    @torch.no_grad()
     def log_predictive_density(
         self,
         x: Tensor,
@@ -194,15 +195,22 @@ class MixtureDensityModel(nn.Module):
 
         x: (n, d_x); y: (n, d_y); weights: each (B, *param_shape) or absent.
         Rows are taken in chunks so that no tensor of more than about ``max_elements``
-        (draws x rows x outputs) is built at once. Returns a Tensor of shape (n,).
+        (draws x rows x outputs) is built at once. An evaluation, without gradients.
+        Returns a Tensor of shape (n,).
         """
         flat = self._flat(weights)
-        draws = 1
-        for name, value in flat.items():
-            if value.dim() > len(self.latent_shapes[name]):
-                draws = value.shape[0]
-        size = max(1, max_elements // (draws * self.net.n_outputs))
         outs = []
+        if self.net.covariance == "diagonal":
+            # The network's row-major evaluation: the same density, about four times faster
+            # at 1,000 draws than reducing over components on log_density's layout.
+            xs = (x - self.x_loc) / self.x_scale
+            z = (y - self.y_loc) / self.y_scale
+            for _, log_p in self.net.log_prob_by_rows(xs, z, flat, max_elements):
+                outs.append(torch.logsumexp(log_p, 0) - math.log(log_p.shape[0]))
+            log_p = torch.cat(outs) if outs else x.new_zeros(0)
+            return log_p - self.y_scale.log().sum()
+        draws = self.net._batch_size(flat) or 1
+        size = max(1, max_elements // (draws * self.net.n_outputs))
         for start in range(0, len(x), size):
             log_p = self.log_density(x[start : start + size], y[start : start + size], flat)
             if log_p.dim() == 2:

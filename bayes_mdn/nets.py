@@ -9,7 +9,7 @@ vectorized pass.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -250,26 +250,84 @@ class MixtureDensityNetwork(nn.Module):
         -------
         Tensor of shape (B, n, d), (num_draws, n, d), or (n, d) with neither.
         """
+        batch = self._batch_size(weights)
+        draws = batch or num_draws or 1
+        out = [
+            self._sample_head(head, draws)
+            for _, head in self.head_by_rows(x, weights, max_elements, draws)
+        ]
+        y = torch.cat(out, dim=1) if out else x.new_zeros(draws, 0, self.d_y)
+        return y if batch or num_draws is not None else y[0]
+
+    def _batch_size(self, weights: Mapping[str, Tensor] | None) -> int | None:
+        """B when the replacement weights carry a batch dimension, else None."""
+        params = dict(self.named_parameters())
+        for name, value in (weights or {}).items():
+            if value.dim() > params[name].dim():
+                return value.shape[0]
+        return None
+
+    def head_by_rows(
+        self,
+        x: Tensor,
+        weights: Mapping[str, Tensor] | None = None,
+        max_elements: int = 2**21,
+        draws: int = 1,
+    ) -> Iterator[tuple[slice, Tensor]]:
+        """The output layer, chunk by chunk of rows, laid out (B or 1, P, rows).
+
+        The transpose of :meth:`raw`, built by one matrix product for all draws of the
+        weights (the bias folded in as one more input column), so that work over the
+        components (softmax, CDFs, log-sum-exp) runs along contiguous rows of x: about
+        four times faster than on :meth:`raw`'s (B, rows, P) at 1,000 draws. Each chunk
+        holds at most ``max_elements`` elements, counting ``draws`` draws per row when
+        the weights are not batched. Yields (slice of rows, head output).
+        """
         weights = weights or {}
         h = self.features(x, weights)
         w = weights.get("head.weight", self.head.weight)
         b = weights.get("head.bias", self.head.bias)
-        batched = w.dim() == 3 or h.dim() == 3
-        draws = w.shape[0] if w.dim() == 3 else h.shape[0] if h.dim() == 3 else num_draws or 1
-        # The bias as one more input column: one product with no second pass over the output.
+        if w.dim() == 3 or h.dim() == 3:
+            draws = w.shape[0] if w.dim() == 3 else h.shape[0]
         w = torch.cat([w, b.unsqueeze(-1)], -1)
         h = torch.cat([h, h.new_ones(*h.shape[:-1], 1)], -1)
         if w.dim() == 3 and h.dim() == 2:
             w = w.reshape(-1, w.shape[-1])  # (B * P, width + 1): one matrix product
         n_out = self.n_outputs
         size = max(1, max_elements // (draws * n_out))
-        out = []
         for start in range(0, len(x), size):
             chunk = h[..., start : start + size, :].mT
-            head = (w @ chunk).reshape(-1, n_out, chunk.shape[-1])  # (B or 1, P, rows)
-            out.append(self._sample_head(head, draws))
-        y = torch.cat(out, dim=1) if out else x.new_zeros(draws, 0, self.d_y)
-        return y if batched or num_draws is not None else y[0]
+            yield (
+                slice(start, start + chunk.shape[-1]),
+                (w @ chunk).reshape(-1, n_out, chunk.shape[-1]),
+            )
+
+    def log_prob_by_rows(
+        self,
+        x: Tensor,
+        z: Tensor,
+        weights: Mapping[str, Tensor] | None = None,
+        max_elements: int = 2**21,
+    ) -> Iterator[tuple[slice, Tensor]]:
+        """log p(z | x, w) of a diagonal-covariance network, chunk by chunk of rows.
+
+        z: (n, d) in the network's units. Yields (slice of rows, log density of shape
+        (B or 1, rows)), computed on :meth:`head_by_rows`.
+        """
+        if self.covariance != "diagonal":
+            raise ValueError("log_prob_by_rows needs covariance='diagonal'")
+        k, d = self.n_components, self.d_y
+        const = 0.5 * d * math.log(2 * math.pi)
+        for rows, head in self.head_by_rows(x, weights, max_elements):
+            b, n = head.shape[0], head.shape[-1]
+            logits = head[:, :k]
+            loc = head[:, k : k + k * d].reshape(b, k, d, n)
+            scale = F.softplus(head[:, k + k * d : k + 2 * k * d]).add_(self.min_scale)
+            scale = scale.reshape(b, k, d, n)
+            zt = z[rows].mT  # (d, rows)
+            log_comp = ((zt - loc) / scale).square_().mul_(-0.5).sub_(scale.log()).sum(2)
+            log_p = torch.logsumexp(log_comp.add_(logits), 1) - torch.logsumexp(logits, 1)
+            yield rows, log_p - const
 
     def _sample_head(self, head: Tensor, draws: int) -> Tensor:
         """Draws of y from head outputs of shape (B or 1, P, rows): (draws, rows, d)."""
