@@ -99,6 +99,17 @@ def test_log_prior_matches_prior_distributions():
     expected = sum(model.prior(n).log_prob(w) for n, w in weights.items())
     torch.testing.assert_close(model.log_prior(weights), expected, rtol=1e-12, atol=1e-10)
     assert model.log_prior({}).item() == 0.0
+    # Its hand-written gradient (one autograd node for every site) is the distributions'.
+    leaves = {n: w.clone().requires_grad_() for n, w in weights.items()}
+    fast = torch.autograd.grad(model.log_prior(leaves), list(leaves.values()))
+    slow = torch.autograd.grad(
+        sum(model.prior(n).log_prob(w) for n, w in leaves.items()), list(leaves.values())
+    )
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda *ws: model.log_prior(dict(zip(leaves, ws))), tuple(leaves.values())
+    )
 
 
 def _normal_problem(bayesian: str, covariance: str = "diagonal", d_y: int = 1):
