@@ -201,8 +201,8 @@ class MixtureDensityModel(nn.Module):
         flat = self._flat(weights)
         outs = []
         if self.net.covariance == "diagonal":
-            # The network's row-major evaluation: the same density, about four times faster
-            # at 1,000 draws than reducing over components on log_density's layout.
+            # The network's (B, outputs, rows) evaluation: the same density, about three
+            # times faster at 1,000 draws than reducing over components on log_density's.
             xs = (x - self.x_loc) / self.x_scale
             z = (y - self.y_loc) / self.y_scale
             for _, log_p in self.net.log_prob_by_rows(xs, z, flat, max_elements):

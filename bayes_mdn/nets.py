@@ -235,8 +235,8 @@ class MixtureDensityNetwork(nn.Module):
         :meth:`forward`: a component by inverting the CDF of the mixture weights, then
         only that component's scale transform and Gaussian draw. The head's output is
         laid out as (B, outputs, rows), one matrix product for all draws, so that the
-        reductions over components run along contiguous rows of x (about twice as fast
-        as the (B, rows, outputs) layout of :meth:`raw` at 1,000 draws).
+        reductions over components run along contiguous rows of x (1,000 draws at 10,000
+        rows: 1.5 s against 2.4 s on :meth:`raw`'s (B, rows, outputs) layout, one core).
 
         Parameters
         ----------
@@ -252,11 +252,11 @@ class MixtureDensityNetwork(nn.Module):
         """
         batch = self._batch_size(weights)
         draws = batch or num_draws or 1
-        out = [
-            self._sample_head(head, draws)
-            for _, head in self.head_by_rows(x, weights, max_elements, draws)
-        ]
-        y = torch.cat(out, dim=1) if out else x.new_zeros(draws, 0, self.d_y)
+        # Written in place chunk by chunk, rather than concatenated at the end: half the
+        # peak memory.
+        y = x.new_empty(draws, len(x), self.d_y)
+        for rows, head in self.head_by_rows(x, weights, max_elements, draws):
+            y[:, rows] = self._sample_head(head, draws)
         return y if batch or num_draws is not None else y[0]
 
     def _batch_size(self, weights: Mapping[str, Tensor] | None) -> int | None:
@@ -278,8 +278,9 @@ class MixtureDensityNetwork(nn.Module):
 
         The transpose of :meth:`raw`, built by one matrix product for all draws of the
         weights (the bias folded in as one more input column), so that work over the
-        components (softmax, CDFs, log-sum-exp) runs along contiguous rows of x: about
-        four times faster than on :meth:`raw`'s (B, rows, P) at 1,000 draws. Each chunk
+        components (softmax, CDFs, log-sum-exp) runs along contiguous rows of x (the
+        log predictive density of 1,000 draws at 10,000 rows: about 2 s against 6.5 s on
+        :meth:`raw`'s (B, rows, P), one core). Each chunk
         holds at most ``max_elements`` elements, counting ``draws`` draws per row when
         the weights are not batched. Yields (slice of rows, head output).
         """

@@ -168,30 +168,41 @@ def sample_predictive(
         if is_deterministic(guide):
             # Every draw has the same weights: run the network once.
             weights = {name: value[0] for name, value in weights.items()}
+        # Every draw shares one set of weights (MAP, or no latent weights).
+        shared = not weights or is_deterministic(guide)
         if sampler == "direct":
-            if weights and not is_deterministic(guide):
-                return model.sample(x, weights, max_elements=max_elements)
-            return model.sample(x, weights, num_draws=num_samples, max_elements=max_elements)
-        if weights and not is_deterministic(guide):
-            predictive = Predictive(
-                model, posterior_samples=weights, return_sites=[OBS_SITE], parallel=True
-            )
+
+            def draw(xs: Tensor) -> Tensor:
+                num_draws = num_samples if shared else None
+                return model.sample(xs, weights, num_draws, max_elements)
+
         else:
-            # The same weights for every draw: the model is conditioned on them and the
-            # vectorizing plate expands the likelihood to independent draws of y.
-            predictive = Predictive(
-                poutine.condition(model, weights),
-                num_samples=num_samples,
-                return_sites=[OBS_SITE],
-                parallel=True,
-            )
-        # The model's sampler bounds its own memory; chunks of x here bound the draws of
-        # y that Predictive returns, and keep its per-call overhead small.
-        outs = []
-        for sl in _chunks(len(x), num_samples * model.net.d_y, max_elements):
-            draws = predictive(x[sl], None)[OBS_SITE]
-            outs.append(draws.reshape(num_samples, -1, model.net.d_y))
-        return torch.cat(outs, dim=1)
+            if shared:
+                # The model is conditioned on the one set of weights, and the vectorizing
+                # plate expands the likelihood to independent draws of y.
+                predictive = Predictive(
+                    poutine.condition(model, weights),
+                    num_samples=num_samples,
+                    return_sites=[OBS_SITE],
+                    parallel=True,
+                )
+            else:
+                predictive = Predictive(
+                    model, posterior_samples=weights, return_sites=[OBS_SITE], parallel=True
+                )
+
+            def draw(xs: Tensor) -> Tensor:
+                return predictive(xs, None)[OBS_SITE]
+
+        # The model's sampler bounds its own working memory. Chunks of x here bound the
+        # draws held per call and Predictive's per-call overhead, and keep the allocator
+        # reusing freed pages: one call over 10,000 x at 1,000 draws is a third slower.
+        d_y = model.net.d_y
+        outs = [
+            draw(x[sl]).reshape(num_samples, -1, d_y)
+            for sl in _chunks(len(x), num_samples * d_y, max_elements)
+        ]
+        return torch.cat(outs, dim=1) if outs else x.new_zeros(num_samples, 0, d_y)
 
 
 def _pooled(
