@@ -124,8 +124,7 @@ def log_predictive_density(
 ) -> Tensor:
     """log p(y | x, D) = log (1/S) sum_s p(y | x, theta_s), shape (n,), in y's units."""
     weights = posterior_weights(model, guide, num_draws, seed)
-    with torch.no_grad():
-        return model.log_predictive_density(x, y, weights, max_elements)
+    return model.log_predictive_density(x, y, weights, max_elements)
 
 
 SAMPLERS = ("predictive", "direct")
