@@ -209,7 +209,7 @@ class MixtureDensityModel(nn.Module):
                 outs.append(torch.logsumexp(log_p, 0) - math.log(log_p.shape[0]))
             log_p = torch.cat(outs) if outs else x.new_zeros(0)
             return log_p - self.y_scale.log().sum()
-        draws = self.net._batch_size(flat) or 1
+        draws = self.net.weight_batch(flat) or 1
         size = max(1, max_elements // (draws * self.net.n_outputs))
         for start in range(0, len(x), size):
             log_p = self.log_density(x[start : start + size], y[start : start + size], flat)
@@ -331,10 +331,9 @@ class _Likelihood(TorchDistribution):
         )
 
     def _natural_shape(self) -> torch.Size:
-        for name, value in self.weights.items():
-            if value.dim() > len(self.model.latent_shapes[name]):
-                return torch.Size([value.shape[0], len(self.x)])
-        return torch.Size([len(self.x)])
+        """(B, n) with batched weights, else (n,): the shape before any ``expand``."""
+        batch = self.model.net.weight_batch(self.weights)
+        return torch.Size([len(self.x)] if batch is None else [batch, len(self.x)])
 
     def expand(self, batch_shape, _instance=None) -> _Likelihood:
         batch_shape = torch.Size(batch_shape)

@@ -250,7 +250,7 @@ class MixtureDensityNetwork(nn.Module):
         -------
         Tensor of shape (B, n, d), (num_draws, n, d), or (n, d) with neither.
         """
-        batch = self._batch_size(weights)
+        batch = self.weight_batch(weights)
         draws = batch or num_draws or 1
         # Written in place chunk by chunk, rather than concatenated at the end: half the
         # peak memory.
@@ -259,8 +259,8 @@ class MixtureDensityNetwork(nn.Module):
             y[:, rows] = self._sample_head(head, draws)
         return y if batch or num_draws is not None else y[0]
 
-    def _batch_size(self, weights: Mapping[str, Tensor] | None) -> int | None:
-        """B when the replacement weights carry a batch dimension, else None."""
+    def weight_batch(self, weights: Mapping[str, Tensor] | None) -> int | None:
+        """B when the replacement weights carry a leading batch dimension, else None."""
         params = dict(self.named_parameters())
         for name, value in (weights or {}).items():
             if value.dim() > params[name].dim():
