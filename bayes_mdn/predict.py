@@ -164,11 +164,10 @@ def sample_predictive(
     device = model.prior_scale.device
     with pyro_scope(), seeded(seed, device), torch.no_grad():
         weights = draw_latents(guide, num_samples)
-        if is_deterministic(guide):
-            # Every draw has the same weights: run the network once.
+        shared = is_deterministic(guide)
+        if shared:
+            # Every draw has the same weights (MAP, or none at all): one network.
             weights = {name: value[0] for name, value in weights.items()}
-        # Every draw shares one set of weights (MAP, or no latent weights).
-        shared = not weights or is_deterministic(guide)
         if sampler == "direct":
 
             def draw(xs: Tensor) -> Tensor:
