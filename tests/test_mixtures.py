@@ -56,20 +56,14 @@ def test_pool_draws_is_the_average_density():
     torch.testing.assert_close(mixtures.log_prob(mixtures.pool_draws(p), y), expected)
 
 
-def test_affine_includes_the_jacobian():
-    p = random_params(d=2)
-    loc = torch.tensor([10.0, -3.0], dtype=torch.float64)
-    scale = torch.tensor([100.0, 0.01], dtype=torch.float64)
-    z = torch.randn(4, 2, dtype=torch.float64)
-    moved = mixtures.affine(p, loc, scale)
-    expected = mixtures.log_prob(p, z) - scale.log().sum()
-    torch.testing.assert_close(mixtures.log_prob(moved, loc + scale * z), expected)
-
-
-def test_affine_full_covariance():
-    p = random_params(d=2, full=True)
-    loc = torch.tensor([1.0, 2.0], dtype=torch.float64)
-    scale = torch.tensor([3.0, 0.5], dtype=torch.float64)
+@pytest.mark.parametrize(
+    ("full", "loc", "scale"),
+    [(False, [10.0, -3.0], [100.0, 0.01]), (True, [1.0, 2.0], [3.0, 0.5])],
+)
+def test_affine_includes_the_jacobian(full, loc, scale):
+    p = random_params(d=2, full=full)
+    loc = torch.tensor(loc, dtype=torch.float64)
+    scale = torch.tensor(scale, dtype=torch.float64)
     z = torch.randn(4, 2, dtype=torch.float64)
     moved = mixtures.affine(p, loc, scale)
     expected = mixtures.log_prob(p, z) - scale.log().sum()
