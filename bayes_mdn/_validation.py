@@ -24,6 +24,11 @@ def as_2d_float(data: Any, name: str, allow_1d: bool) -> tuple[np.ndarray, bool]
     """
     if data is None:
         raise TypeError(f"{name} must be array-like, got None")
+    if hasattr(data, "tocsr") or type(data).__module__.startswith("scipy.sparse"):
+        raise TypeError(
+            f"{name} is a sparse matrix, and sparse input is not supported: pass a dense "
+            f"array ({name}.toarray())"
+        )
     if hasattr(data, "detach"):  # torch tensors, without importing torch here
         data = data.detach().cpu().numpy()
     elif hasattr(data, "to_numpy"):  # pandas
@@ -32,24 +37,38 @@ def as_2d_float(data: Any, name: str, allow_1d: bool) -> tuple[np.ndarray, bool]
         arr = np.asarray(data)
     except (ValueError, TypeError) as err:
         raise TypeError(f"{name} could not be read as an array: {err}") from err
-    if arr.dtype == object or not (
-        np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.bool_)
-    ):
-        raise TypeError(f"{name} must hold numbers, got an array of dtype {arr.dtype}")
     if np.iscomplexobj(arr):
-        raise TypeError(f"{name} must hold real numbers, got complex dtype {arr.dtype}")
+        raise ValueError(
+            f"Complex data not supported: {name} must hold real numbers, got dtype {arr.dtype}"
+        )
+    if arr.dtype == object:
+        # Object arrays (pandas frames of mixed columns) are fine when every cell is a number.
+        try:
+            arr = arr.astype(np.float64)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"{name} must hold numbers, but a cell is not one: {err}") from err
+    if not (np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.bool_)):
+        raise TypeError(f"{name} must hold numbers, got an array of dtype {arr.dtype}")
     was_1d = arr.ndim == 1
     if arr.ndim == 1 and allow_1d:
         arr = arr.reshape(-1, 1)
     if arr.ndim != 2:
-        hint = f"; for one feature use {name}.reshape(-1, 1)" if arr.ndim == 1 else ""
+        hint = (
+            f". Reshape your data: for one feature use {name}.reshape(-1, 1)"
+            if arr.ndim == 1
+            else ""
+        )
         raise ValueError(
             f"{name} must be {'1-D or ' if allow_1d else ''}2-D of shape (n_samples, "
             f"n_{'outputs' if allow_1d else 'features'}), got {arr.ndim}-D shape {arr.shape}{hint}"
         )
-    if arr.shape[0] == 0 or arr.shape[1] == 0:
+    if arr.shape[0] == 0:
         raise ValueError(
-            f"{name} is empty (shape {arr.shape}): at least one row and column needed"
+            f"{name} is empty: 0 sample(s) (shape={arr.shape}) while a minimum of 1 is required."
+        )
+    if arr.shape[1] == 0:
+        raise ValueError(
+            f"{name} is empty: 0 feature(s) (shape={arr.shape}) while a minimum of 1 is required."
         )
     arr = arr.astype(np.float64)
     bad = ~np.isfinite(arr)

@@ -75,7 +75,9 @@ def _unpack(source: Any) -> tuple[MixtureDensityModel, nn.Module, int]:
     if hasattr(source, "model_") and hasattr(source, "guide_"):
         return source.model_, source.guide_, source.num_draws
     if hasattr(source, "get_params"):
-        raise RuntimeError("this estimator is not fitted yet: call fit(X, y) first")
+        from sklearn.exceptions import NotFittedError
+
+        raise NotFittedError("this estimator is not fitted yet: call fit(X, y) first")
     raise TypeError(
         f"expected a fitted BayesianMDN or a (model, guide) pair, got {type(source).__name__}"
     )

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
 import torch
+from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor
 
 from . import predict as _predict
@@ -25,7 +26,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 METHODS = ("svi", "nuts")
 
 
-class BayesianMDN:
+class BayesianMDN(RegressorMixin, BaseEstimator):
     """A Bayesian mixture density network for p(y | x), fitted by SVI in Pyro.
 
     Parameters
@@ -197,30 +198,22 @@ class BayesianMDN:
     # -- scikit-learn protocol -------------------------------------------------------
     @classmethod
     def _param_names(cls) -> list[str]:
-        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+        return list(cls._get_param_names())
 
-    def get_params(self, deep: bool = True) -> dict[str, Any]:
-        """The constructor arguments, as scikit-learn's ``clone`` expects."""
-        return {name: getattr(self, name) for name in self._param_names()}
+    def __sklearn_tags__(self):  # type: ignore[no-untyped-def]
+        tags = super().__sklearn_tags__()
+        tags.target_tags.single_output = True
+        tags.target_tags.multi_output = True
+        # score is the mean log predictive density, not R^2: a density score has no fixed
+        # floor such as scikit-learn's "better than the mean" checks assume.
+        tags.regressor_tags.poor_score = True
+        tags.non_deterministic = self.seed is None
+        tags.input_tags.allow_nan = False
+        return tags
 
-    def set_params(self, **params: Any) -> BayesianMDN:
-        """Set constructor arguments; unknown names raise ``ValueError``."""
-        valid = self._param_names()
-        for name, value in params.items():
-            if name not in valid:
-                raise ValueError(f"invalid parameter {name!r} for BayesianMDN; valid: {valid}")
-            setattr(self, name, value)
-        return self
-
-    def __repr__(self) -> str:
-        defaults = {
-            name: p.default
-            for name, p in inspect.signature(type(self).__init__).parameters.items()
-        }
-        changed = [
-            f"{k}={v!r}" for k, v in self.get_params().items() if not _same(v, defaults.get(k))
-        ]
-        return f"BayesianMDN({', '.join(changed)})"
+    def _check_columns(self, X: Any, reset: bool) -> None:
+        """Record (``reset``) or check the feature names of a DataFrame ``X``."""
+        validate_data(self, X, reset=reset, skip_check_array=True, ensure_2d=False)
 
     # -- configuration checks --------------------------------------------------------
     def _check_options(self) -> FitConfig:
@@ -294,12 +287,20 @@ class BayesianMDN:
         self
         """
         config = self._check_options()
+        if y is None:
+            raise ValueError(
+                "BayesianMDN requires y to be passed, but the target y is None: fit(X, y) "
+                "learns a density of y given X"
+            )
+        self._check_columns(X, reset=True)
         x_arr, _ = as_2d_float(X, "X", allow_1d=False)
         y_arr, y_1d = as_2d_float(y, "y", allow_1d=True)
         if len(x_arr) != len(y_arr):
             raise ValueError(
                 f"X and y must have the same number of rows, got {len(x_arr)} and {len(y_arr)}"
             )
+        if len(x_arr) < 2:
+            raise ValueError(f"fit needs at least 2 rows, got n_samples = {len(x_arr)}")
         y_std = y_arr.std(0)
         if (y_std == 0).any():
             col = int(np.argmax(y_std == 0))
@@ -402,18 +403,18 @@ class BayesianMDN:
 
     # -- prediction ------------------------------------------------------------------
     def _check_fitted(self) -> None:
-        if not hasattr(self, "model_"):
-            raise RuntimeError(
-                "this BayesianMDN is not fitted yet: call fit(X, y) before predicting"
-            )
+        """Raise scikit-learn's ``NotFittedError`` (a ValueError and AttributeError)
+        before ``fit``."""
+        check_is_fitted(self, "model_")
 
     def _x(self, X: Any) -> Tensor:
         self._check_fitted()
+        self._check_columns(X, reset=False)
         arr, _ = as_2d_float(X, "X", allow_1d=False)
         if arr.shape[1] != self.n_features_in_:
             raise ValueError(
-                f"X has {arr.shape[1]} features, but this model was fitted with "
-                f"{self.n_features_in_}"
+                f"X has {arr.shape[1]} features, but BayesianMDN is expecting "
+                f"{self.n_features_in_} features as input"
             )
         ref = self.model_.prior_scale
         return torch.as_tensor(arr, dtype=ref.dtype, device=ref.device)
@@ -437,7 +438,7 @@ class BayesianMDN:
 
     def _out(self, t: Tensor) -> np.ndarray:
         """To NumPy, dropping the output axis (the last) for 1-D targets."""
-        arr = t.detach().cpu().numpy()
+        arr = t.detach().cpu().numpy().astype(np.float64)
         return arr[..., 0] if self._y_1d else arr
 
     def predict(self, X: Any, num_draws: int | None = None, seed: Any = "default") -> np.ndarray:
@@ -524,9 +525,24 @@ class BayesianMDN:
         )
         return lp.cpu().numpy()
 
-    def score(self, X: Any, y: Any) -> float:
-        """Mean log predictive density per point (higher is better; nats)."""
-        return float(self.log_prob(X, y).mean())
+    def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
+        """Mean log predictive density per point (higher is better; nats).
+
+        This is the estimator's scikit-learn score (``cross_val_score``, ``GridSearchCV``
+        and ``Pipeline.score`` use it), not the R^2 of ``RegressorMixin``: for a density
+        model the log score is the proper scoring rule. ``sample_weight`` of shape (n,)
+        gives a weighted mean.
+        """
+        log_p = self.log_prob(X, y)
+        if sample_weight is None:
+            return float(log_p.mean())
+        w, _ = as_2d_float(sample_weight, "sample_weight", allow_1d=True)
+        if w.shape != (len(log_p), 1) or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(
+                f"sample_weight must be {len(log_p)} non-negative numbers with a positive "
+                f"sum, got shape {w.shape}"
+            )
+        return float(np.average(log_p, weights=w[:, 0]))
 
     def predictive_mixture(
         self, X: Any, num_draws: int | None = None, seed: Any = "default"
@@ -584,10 +600,3 @@ class BayesianMDN:
         from .diagnostics import to_inference_data
 
         return to_inference_data(self, X, y, num_draws=num_draws)
-
-
-def _same(a: object, b: object) -> bool:
-    try:
-        return bool(a == b)
-    except Exception:
-        return False

@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from sklearn.exceptions import NotFittedError
 
 from bayes_mdn import BayesianMDN, diagnostics, make_inverse_sine
 from bayes_mdn.cli import main
@@ -128,7 +129,7 @@ def test_bad_inputs_raise_early(fitted: BayesianMDN, data) -> None:
         diagnostics.to_inference_data(fitted, X, y[:-1])
     with pytest.raises(ValueError, match="num_draws"):
         diagnostics.to_inference_data(fitted, X, y, num_draws=0)
-    with pytest.raises(RuntimeError, match="not fitted"):
+    with pytest.raises(NotFittedError, match="not fitted"):
         diagnostics.to_inference_data(BayesianMDN(), X, y)
     with pytest.raises(TypeError, match="BayesianMDN"):
         diagnostics.to_inference_data(object(), X, y)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sklearn.exceptions import NotFittedError
 
 import bayes_mdn
 from bayes_mdn import BayesianMDN, ModelFileError, load
@@ -256,7 +257,7 @@ def test_crafted_pickle_executes_nothing(tmp_path, writer):
 
 
 def test_bad_arguments_of_save_and_load(tmp_path, saved):
-    with pytest.raises(RuntimeError, match="not fitted"):
+    with pytest.raises(NotFittedError, match="not fitted"):
         _tiny().save(tmp_path / "x")
     with pytest.raises(TypeError, match="path must be"):
         load(42)
