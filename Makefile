@@ -2,20 +2,25 @@
 # torch is installed before the package so that pip does not pull a multi-GB CUDA build
 # on machines without a GPU; GPU users override it, for example:
 #   make test TORCH_SPEC="torch" TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu124"
+# Everything else comes from the lock file requirements/ci.txt (regenerate it with
+# requirements/lock.sh), so a fresh clone tests the versions the suite passed with;
+# `make test-latest` tests the newest versions the ranges in pyproject.toml allow.
 PYTHON ?= python3
 VENV ?= .venv
+LATEST_VENV ?= .venv-latest
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
+LOCK ?= requirements/ci.txt
 PY := $(VENV)/bin/python
 OUT ?= demo_output
 
-.PHONY: setup demo test test-fast lint benchmark clean
+.PHONY: setup demo test test-fast test-latest lint benchmark clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_INDEX) "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -c $(LOCK) -e ".[dev]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -29,6 +34,15 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -m "not slow"
 
+# The newest releases the package's ranges admit, in a venv of their own (not locked).
+test-latest:
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LATEST_VENV)/bin/python -m pip install --quiet $(TORCH_INDEX) "$(TORCH_SPEC)"
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[dev]"
+	$(LATEST_VENV)/bin/python -m pip list --format=freeze | grep -iE '^(numpy|scipy|pandas|arviz|xarray|pyro-ppl|scikit-learn|matplotlib)=='
+	$(LATEST_VENV)/bin/python -m pytest
+
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
@@ -37,4 +51,4 @@ benchmark: setup
 	$(PY) scripts/benchmark.py
 
 clean:
-	rm -rf $(VENV) $(OUT) .pytest_cache
+	rm -rf $(VENV) $(LATEST_VENV) $(OUT) .pytest_cache
