@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
 import numpy as np
@@ -16,7 +17,7 @@ from . import predict as _predict
 from ._utils import pyro_scope, resolve_device, seeded
 from ._validation import as_2d_float
 from .fit import FitConfig, FitHistory, check_checkpoint_args, fit_nuts, fit_svi
-from .guides import GUIDES, EmpiricalGuide, make_guide
+from .guides import GUIDES, EmpiricalGuide, EnsembleGuide, make_guide
 from .model import BAYESIAN_LAYERS, MixtureDensityModel
 from .nets import ACTIVATIONS, COVARIANCES, MixtureDensityNetwork, MixtureParams
 
@@ -33,6 +34,17 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
     ----------
     n_components : int
         Number of Gaussian components K.
+    n_members : int
+        Independently fitted members pooled into one predictive mixture (a deep
+        ensemble; with Bayesian members, an ensemble of posteriors). Each member has its
+        own initialization (seed + m), mini-batches and validation split. One fit sits in
+        one mode of the posterior and is confidently wrong where there are no data;
+        pooled members disagree there, which is what honest epistemic uncertainty needs.
+        Costs ``n_members`` fits (see ``n_jobs``).
+    n_jobs : int or None
+        Worker processes that fit the members (joblib), as scikit-learn reads it: None
+        is one (this process), -1 every core. Parallel members give the same numbers as
+        sequential ones.
     hidden : sequence of int
         Hidden layer widths. A narrow last hidden layer keeps the Bayesian output layer
         small, which mean-field posteriors handle better.
@@ -63,7 +75,10 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         Rank of the ``"lowrank"`` guide; None picks sqrt(number of latent weights).
     epochs, batch_size, lr, lr_schedule, clip_norm, num_particles, val_fraction,
     patience, val_draws, input_noise, jit :
-        The SVI loop, see :class:`bayes_mdn.fit.FitConfig`.
+        The SVI loop of each member, see :class:`bayes_mdn.fit.FitConfig`. By default the
+        budget is counted in optimizer steps (``epochs="auto"``) and each member holds out
+        ``val_fraction`` of the rows and stops when their log predictive density has not
+        improved for ``patience="auto"`` steps, keeping its best state.
     num_draws : int
         Posterior draws behind every prediction (one for deterministic guides).
     dtype : {"float32", "float64"}
@@ -98,9 +113,21 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
     Attributes
     ----------
     model_ : MixtureDensityModel
+        The first member's model (every member has its architecture and standardization).
     guide_ : torch.nn.Module
+        The posterior: an :class:`~bayes_mdn.guides.EnsembleGuide` over the members, or
+        the one member's guide when ``n_members=1``.
     history_ : FitHistory
+        The first member's history.
+    histories_ : list of FitHistory
+        One per member.
+    n_members_ : int
+        Members fitted (one with ``method="nuts"``).
+    n_steps_ : int
+        Optimizer steps taken, all members together.
     n_features_in_ : int
+    feature_names_in_ : ndarray of str
+        Only when X was a DataFrame with string column names.
     n_outputs_ : int
     nuts_info_ : dict
         Only after ``method="nuts"``: divergences per chain, seconds and settings.
@@ -124,6 +151,8 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
     def __init__(
         self,
         n_components: int = 20,
+        n_members: int = 5,
+        n_jobs: int | None = None,
         hidden: Sequence[int] = (64, 16),
         activation: str = "tanh",
         bayesian: Literal["none", "last", "all"] = "last",
@@ -133,14 +162,14 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         min_scale: float = 0.02,
         init_scale: float = 1e-3,
         rank: int | None = None,
-        epochs: int = 300,
+        epochs: int | Literal["auto"] = "auto",
         batch_size: int | None = 500,
         lr: float = 3e-3,
         lr_schedule: Literal["onecycle", "cosine", "constant"] = "cosine",
         clip_norm: float | None = 10.0,
         num_particles: int = 1,
-        val_fraction: float = 0.0,
-        patience: int | None = 30,
+        val_fraction: float = 0.1,
+        patience: int | None | Literal["auto"] = "auto",
         val_draws: int = 16,
         input_noise: float = 0.05,
         jit: bool = False,
@@ -160,6 +189,8 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         method: Literal["svi", "nuts"] = "svi",
     ) -> None:
         self.n_components = n_components
+        self.n_members = n_members
+        self.n_jobs = n_jobs
         self.hidden = hidden
         self.activation = activation
         self.bayesian = bayesian
@@ -245,6 +276,16 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
                 f"guide={self.guide!r} needs latent weights, but bayesian='none' makes every "
                 "weight a point estimate: use guide='delta' or bayesian='last'/'all'"
             )
+        if (
+            not isinstance(self.n_members, int)
+            or isinstance(self.n_members, bool)
+            or self.n_members < 1
+        ):
+            raise ValueError(f"n_members must be an integer >= 1, got {self.n_members!r}")
+        if self.n_jobs is not None and (
+            not isinstance(self.n_jobs, int) or isinstance(self.n_jobs, bool) or self.n_jobs == 0
+        ):
+            raise ValueError(f"n_jobs must be None or a non-zero integer, got {self.n_jobs!r}")
         if not isinstance(self.num_draws, int) or self.num_draws < 1:
             raise ValueError(f"num_draws must be an integer >= 1, got {self.num_draws!r}")
         check_checkpoint_args(self.checkpoint, self.checkpoint_every, self.resume)
@@ -321,19 +362,31 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         x_scale = x.std(0)
         x_scale = torch.where(x_scale > 0, x_scale, torch.ones_like(x_scale))
 
-        model, guide = self._build_model(
-            x.shape[1], yt.shape[1], (x.mean(0), x_scale, yt.mean(0), yt.std(0)), self.seed
-        )
-        self.history_: FitHistory = fit_svi(
-            model,
-            guide,
-            x,
-            yt,
-            config,
-            checkpoint=self.checkpoint,
-            checkpoint_every=self.checkpoint_every,
-            resume=self.resume,
-        )
+        stats = (x.mean(0), x_scale, yt.mean(0), yt.std(0))
+        # method="nuts" samples one model's latent weights: one SVI member is its start.
+        n_members = 1 if self.method == "nuts" else self.n_members
+        seeds = [None if self.seed is None else self.seed + m for m in range(n_members)]
+        members = [self._build_model(x.shape[1], yt.shape[1], stats, s) for s in seeds]
+        jobs = [
+            (seed, replace(config, seed=seed), _member_path(self.checkpoint, m, n_members))
+            for m, seed in enumerate(seeds)
+        ]
+        n_jobs = min(_n_workers(self.n_jobs), n_members)
+        if n_jobs == 1:
+            histories = [
+                self._fit_member(x, yt, model, guide, config, checkpoint)
+                for (model, guide), (_, config, checkpoint) in zip(members, jobs)
+            ]
+        else:
+            histories = _fit_in_workers(self, x, yt, stats, members, jobs, n_jobs)
+        models = [model for model, _ in members]
+        guides = [guide for _, guide in members]
+        self.histories_: list[FitHistory] = histories
+        self.history_: FitHistory = histories[0]
+        self.n_members_ = n_members
+        self.n_steps_ = sum(h.steps for h in histories)
+        model = models[0]
+        guide = guides[0] if n_members == 1 else EnsembleGuide(models, guides)
         if self.method == "nuts":
             with pyro_scope(), torch.no_grad():
                 start = {k: v.detach() for k, v in guide.median().items()}
@@ -356,6 +409,27 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         self.n_outputs_ = yt.shape[1]
         self._y_1d = y_1d
         return self
+
+    def _fit_member(
+        self,
+        x: Tensor,
+        y: Tensor,
+        model: MixtureDensityModel,
+        guide: torch.nn.Module,
+        config: FitConfig,
+        checkpoint: str | None,
+    ) -> FitHistory:
+        """Fit one member in place (model and guide hold its fitted state afterwards)."""
+        return fit_svi(
+            model,
+            guide,
+            x,
+            y,
+            config,
+            checkpoint=checkpoint,
+            checkpoint_every=self.checkpoint_every,
+            resume=self.resume,
+        )
 
     # -- persistence -----------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -600,3 +674,69 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         from .diagnostics import to_inference_data
 
         return to_inference_data(self, X, y, num_draws=num_draws)
+
+
+def _member_path(
+    checkpoint: str | os.PathLike[str] | None, member: int, n_members: int
+) -> str | None:
+    """The checkpoint file of ensemble member ``member``: the path itself for one member,
+    ``<path>.member<m>`` for several (each member's loop resumes on its own)."""
+    if checkpoint is None:
+        return None
+    path = os.fspath(checkpoint)
+    return path if n_members == 1 else f"{path}.member{member}"
+
+
+def _n_workers(n_jobs: int | None) -> int:
+    """Processes for ``n_jobs`` as scikit-learn reads it: None is 1, -1 every core."""
+    if n_jobs is None:
+        return 1
+    if n_jobs < 0:
+        return max(1, (os.cpu_count() or 1) + 1 + n_jobs)
+    return n_jobs
+
+
+def _fit_member_in_worker(
+    estimator: BayesianMDN,
+    x: Tensor,
+    y: Tensor,
+    stats: tuple[Tensor, Tensor, Tensor, Tensor],
+    seed: int | None,
+    config: FitConfig,
+    checkpoint: str | None,
+) -> tuple[dict[str, Tensor], dict[str, Tensor], FitHistory]:
+    # The member is built here, as the parent builds its twin: an autoguide does not
+    # travel between processes (it keeps its model out of its pickled state).
+    model, guide = estimator._build_model(x.shape[1], y.shape[1], stats, seed)
+    history = estimator._fit_member(x, y, model, guide, config, checkpoint)
+    # Tensors travel back, not modules.
+    return dict(model.state_dict()), dict(guide.state_dict()), history
+
+
+def _fit_in_workers(
+    estimator: BayesianMDN,
+    x: Tensor,
+    y: Tensor,
+    stats: tuple[Tensor, Tensor, Tensor, Tensor],
+    members: list[tuple[MixtureDensityModel, torch.nn.Module]],
+    jobs: list[tuple[int | None, FitConfig, str | None]],
+    n_jobs: int,
+) -> list[FitHistory]:
+    """Fit the members in ``n_jobs`` worker processes (joblib's loky backend), each member
+    exactly as :meth:`BayesianMDN._fit_member` fits it in this process, then copy each
+    fitted state into this process's twin of it (``members``)."""
+    from joblib import Parallel, delayed
+
+    results = Parallel(n_jobs=n_jobs)(
+        delayed(_fit_member_in_worker)(estimator, x, y, stats, *job) for job in jobs
+    )
+    histories = []
+    for (model, guide), (model_state, guide_state, history) in zip(members, results):
+        model.load_state_dict(model_state)
+        if guide_state:
+            # Autoguides create their parameters on the first call.
+            with pyro_scope(), torch.no_grad():
+                guide(x[:2], y[:2])
+            guide.load_state_dict(guide_state)
+        histories.append(history)
+    return histories

@@ -49,7 +49,10 @@ class FitConfig:
 
     Parameters
     ----------
-    epochs : maximum number of passes over the training data
+    epochs : maximum number of passes over the training data, or ``"auto"``: as many as
+        ``AUTO_STEPS`` optimizer steps take (at least one pass), so that the budget is
+        counted in steps whatever the size of the data (a fixed epoch count is a few
+        hundred steps on a hundred rows and hundreds of thousands on a million)
     batch_size : rows per step; None uses the full training set each step
     lr : peak learning rate of Adam
     lr_schedule : "onecycle" (warm up, then anneal), "cosine" (anneal) or "constant"
@@ -57,7 +60,12 @@ class FitConfig:
         the number of training rows), None for no clipping
     num_particles : ELBO particles per step, evaluated in one vectorized pass
     val_fraction : share of rows held out for early stopping (0 disables it)
-    patience : epochs without a better validation score before stopping; None never
+    patience : epochs without a better validation score before stopping; None never;
+        ``"auto"``: the epochs that ``AUTO_PATIENCE_STEPS`` steps take (at least 3 validation
+        checks). The validation score is computed every ``eval_every`` epochs: every
+        epoch when an epoch has at least ``EVAL_STEPS`` steps, else every
+        ceil(EVAL_STEPS / steps per epoch) epochs, so that small data sets are not
+        evaluated after every single step
     val_draws : posterior draws used for the validation log predictive density
     input_noise : standard deviation of Gaussian noise added to each standardized input
         at every step, 0 for none. Noise regularization (Rothfuss et al., 2019) smooths
@@ -78,14 +86,14 @@ class FitConfig:
         thread and 28 s with two on a busy 2-core machine.
     """
 
-    epochs: int = 300
+    epochs: int | Literal["auto"] = "auto"
     batch_size: int | None = 500
     lr: float = 3e-3
     lr_schedule: Literal["onecycle", "cosine", "constant"] = "cosine"
     clip_norm: float | None = 10.0
     num_particles: int = 1
     val_fraction: float = 0.0
-    patience: int | None = 30
+    patience: int | None | Literal["auto"] = "auto"
     val_draws: int = 16
     input_noise: float = 0.05
     jit: bool = False
@@ -101,10 +109,12 @@ class FitConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
-        positive_int("epochs", self.epochs)
+        if self.epochs != "auto":
+            positive_int("epochs", self.epochs)
         positive_int("batch_size", self.batch_size, allow_none=True)
         positive_int("num_particles", self.num_particles)
-        positive_int("patience", self.patience, allow_none=True)
+        if self.patience != "auto":
+            positive_int("patience", self.patience, allow_none=True)
         positive_int("val_draws", self.val_draws)
         positive_int("num_threads", self.num_threads, allow_none=True)
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
@@ -128,6 +138,30 @@ class FitConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def schedule(self, n_train: int) -> tuple[int, int, int, int | None]:
+        """(batch rows, epochs, eval_every epochs, patience epochs) for ``n_train`` rows,
+        with the ``"auto"`` settings resolved."""
+        batch = n_train if self.batch_size is None else min(self.batch_size, n_train)
+        steps_per_epoch = math.ceil(n_train / batch)
+        if self.epochs == "auto":
+            epochs = max(1, math.ceil(AUTO_STEPS / steps_per_epoch))
+        else:
+            epochs = int(self.epochs)
+        eval_every = max(1, math.ceil(EVAL_STEPS / steps_per_epoch))
+        if self.patience == "auto":
+            patience: int | None = max(
+                3 * eval_every, math.ceil(AUTO_PATIENCE_STEPS / steps_per_epoch)
+            )
+        else:
+            patience = self.patience
+        return batch, epochs, eval_every, patience
+
+
+# The automatic budget, counted in optimizer steps (see FitConfig).
+AUTO_STEPS = 5000
+AUTO_PATIENCE_STEPS = 1000
+EVAL_STEPS = 25
+
 
 @dataclass
 class FitHistory:
@@ -137,17 +171,22 @@ class FitHistory:
     ----------
     train_loss : negative ELBO per training point, averaged over the epoch's steps
     val_nll : negative log predictive density per held-out point (empty without a split)
+    val_epochs : the epoch of each ``val_nll`` entry (validation runs every
+        ``eval_every`` epochs, see :class:`FitConfig`)
     best_epoch : epoch whose state was kept (0-based)
     stopped_early : True when patience ran out before ``epochs``
     steps : optimizer steps taken
+    epochs : the planned number of epochs (``"auto"`` resolved)
     seconds : wall-clock time of the loop
     """
 
     train_loss: list[float] = field(default_factory=list)
     val_nll: list[float] = field(default_factory=list)
+    val_epochs: list[int] = field(default_factory=list)
     best_epoch: int = -1
     stopped_early: bool = False
     steps: int = 0
+    epochs: int = 0
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -463,7 +502,8 @@ def fit_svi(
         x_train, y_train = x[train_idx], y[train_idx]
         x_val, y_val = x[val_idx], y[val_idx]
         n = len(x_train)
-        batch = n if config.batch_size is None else min(config.batch_size, n)
+        batch, epochs, eval_every, patience = config.schedule(n)
+        history.epochs = epochs
         steps_per_epoch = math.ceil(n / batch)
 
         loss_fn = _make_loss(model, guide, config)
@@ -471,7 +511,7 @@ def fit_svi(
         loss_fn(x_train[:batch], y_train[:batch], subsample=train_idx[:batch], n_total=n)
         params = [p for p in loss_fn.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=config.lr)
-        scheduler = _make_scheduler(optimizer, config, config.epochs * steps_per_epoch)
+        scheduler = _make_scheduler(optimizer, config, epochs * steps_per_epoch)
         # A constant rate needs no step (the scheduler's Python call is ~1% of a step).
         scheduled = config.lr_schedule != "constant"
 
@@ -489,13 +529,13 @@ def fit_svi(
                 saved, loss_fn, optimizer, scheduler, device
             )
             if history.stopped_early:
-                first_epoch = config.epochs
+                first_epoch = epochs
         elapsed = history.seconds
         # The ELBO is a sum over n rows: clip its gradient at the per-point threshold times n.
         max_grad_norm = None if config.clip_norm is None else config.clip_norm * n
         # input_noise is in standardized units; the model standardizes x itself.
         noise_scale = config.input_noise * model.x_scale
-        bar = _progress(config, first_epoch)
+        bar = _progress(config, epochs, first_epoch)
         for epoch in bar:
             perm = torch.randperm(n, device=device)
             losses = torch.empty(steps_per_epoch, device=device)
@@ -533,26 +573,29 @@ def fit_svi(
                     "for the data"
                 )
             history.train_loss.append(epoch_loss)
-            if len(val_idx):
-                with seeded(0 if config.seed is None else config.seed + 1, device):
-                    score = validation_nll(model, guide, x_val, y_val, config.val_draws)
-                history.val_nll.append(score)
-                if score < best_score:
-                    best_score, history.best_epoch, stale = score, epoch, 0
-                    _copy_state(live_state, best_state)
-                else:
-                    stale += 1
-                bar.set_postfix(loss=f"{epoch_loss:.4f}", val=f"{score:.4f}", refresh=False)
-                if config.patience is not None and stale >= config.patience:
-                    history.stopped_early = True
-            else:
+            last = epoch + 1 == epochs
+            if not len(val_idx):
                 # Without a validation split the last finite state is the one kept.
                 _copy_state(live_state, best_state)
                 history.best_epoch = epoch
                 bar.set_postfix(loss=f"{epoch_loss:.4f}", refresh=False)
+            elif (epoch + 1) % eval_every == 0 or last:
+                with seeded(0 if config.seed is None else config.seed + 1, device):
+                    score = validation_nll(model, guide, x_val, y_val, config.val_draws)
+                history.val_nll.append(score)
+                history.val_epochs.append(epoch)
+                if score < best_score:
+                    best_score, history.best_epoch, stale = score, epoch, 0
+                    _copy_state(live_state, best_state)
+                else:
+                    # stale counts epochs since the best validation score.
+                    stale = epoch - history.best_epoch
+                bar.set_postfix(loss=f"{epoch_loss:.4f}", val=f"{score:.4f}", refresh=False)
+                if patience is not None and stale >= patience and not last:
+                    history.stopped_early = True
             if checkpoint is not None and (
                 (epoch + 1) % checkpoint_every == 0
-                or epoch + 1 == config.epochs
+                or last
                 or history.stopped_early
             ):
                 history.seconds = elapsed + time.perf_counter() - start
@@ -577,13 +620,13 @@ def fit_svi(
     return history
 
 
-def _progress(config: FitConfig, first_epoch: int = 0):
+def _progress(config: FitConfig, epochs: int, first_epoch: int = 0):
     from tqdm.auto import tqdm
 
     return tqdm(
-        range(first_epoch, config.epochs),
+        range(first_epoch, epochs),
         initial=first_epoch,
-        total=config.epochs,
+        total=epochs,
         disable=not config.progress,
         desc="fit",
         unit="epoch",

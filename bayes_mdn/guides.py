@@ -20,6 +20,7 @@ from .model import MixtureDensityModel
 __all__ = [
     "GUIDES",
     "EmpiricalGuide",
+    "EnsembleGuide",
     "PointGuide",
     "draw_latents",
     "is_deterministic",
@@ -87,6 +88,88 @@ class EmpiricalGuide(nn.Module):
         return {name: v[0] for name, v in self.draw(1).items()}
 
 
+class EnsembleGuide(nn.Module):
+    """Independently fitted members pooled into one posterior: a deep ensemble.
+
+    Each member is a (model, guide) pair fitted on its own (its own initialization,
+    mini-batches and validation split). A draw first picks a member, then draws that
+    member's latent weights from its guide; the draw replaces *every* parameter of the
+    network, point-estimated ones included, since members differ in all of them. The
+    predictive of the ensemble is therefore the equal-weight mixture of the members'
+    predictives, (1/M) sum_m p(y | x, D, member m): a mixture of mixtures, itself a
+    Gaussian mixture, so every exact prediction (density, CDF, quantiles, moments, modes)
+    works on it unchanged. With M MAP members this is a deep ensemble (Lakshminarayanan
+    et al., 2017); with Bayesian members, MultiSWAG-style (Wilson and Izmailov, 2020).
+
+    Parameters
+    ----------
+    models : sequence of MixtureDensityModel
+        The members' models: same architecture, same standardization.
+    guides : sequence of nn.Module
+        Their fitted guides, in the same order.
+
+    Notes
+    -----
+    Draws are balanced: of S draws, each member gives S // M or S // M + 1, placed in a
+    random order (torch's generator, so ``seeded`` applies). Members with a deterministic
+    guide give the same network every time, so an ensemble of MAP members needs only M
+    draws (:meth:`effective_draws`).
+    """
+
+    def __init__(self, models: list[MixtureDensityModel], guides: list[nn.Module]) -> None:
+        super().__init__()
+        if len(models) != len(guides) or len(models) < 1:
+            raise ValueError(
+                f"an ensemble needs one guide per model and at least one member, got "
+                f"{len(models)} models and {len(guides)} guides"
+            )
+        shapes = [{n: p.shape for n, p in m.net.named_parameters()} for m in models]
+        if any(s != shapes[0] for s in shapes[1:]):
+            raise ValueError("every member of an ensemble must have the same network shape")
+        self.models = nn.ModuleList(models)
+        self.guides = nn.ModuleList(guides)
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    @property
+    def members(self) -> list[tuple[MixtureDensityModel, nn.Module]]:
+        """The (model, guide) pairs."""
+        return list(zip(self.models, self.guides))  # type: ignore[arg-type]
+
+    def effective_draws(self, num_draws: int) -> int:
+        """Draws needed for ``num_draws``: M when every member is deterministic."""
+        if all(is_deterministic(g) for g in self.guides):
+            return len(self)
+        return max(num_draws, len(self))
+
+    def assignment(self, num_draws: int) -> torch.Tensor:
+        """Member of each of ``num_draws`` draws: balanced, in random order, shape (S,)."""
+        members = torch.arange(num_draws) % len(self)
+        return members[torch.randperm(num_draws)]
+
+    def draw(self, num_draws: int) -> dict[str, torch.Tensor]:
+        """``num_draws`` draws of every network parameter, {name: (num_draws, *shape)}."""
+        which = self.assignment(num_draws)
+        out: dict[str, torch.Tensor] = {}
+        for m, (model, guide) in enumerate(self.members):
+            idx = (which == m).nonzero().flatten()
+            if not len(idx):
+                continue
+            latent = draw_latents(guide, len(idx))
+            for name, param in model.net.named_parameters():
+                value = latent.get(name)
+                if value is None:
+                    value = param.detach().expand(len(idx), *param.shape)
+                if name not in out:
+                    out[name] = param.new_empty(num_draws, *param.shape)
+                out[name][idx.to(param.device)] = value
+        return out
+
+    def forward(self, *args: object, **kwargs: object) -> dict[str, torch.Tensor]:
+        return {name: v[0] for name, v in self.draw(1).items()}
+
+
 def make_guide(
     model: MixtureDensityModel,
     name: GuideName = "normal",
@@ -142,6 +225,8 @@ def make_guide(
 
 def is_deterministic(guide: nn.Module) -> bool:
     """True when every posterior draw from ``guide`` is the same (MAP or no latents)."""
+    if isinstance(guide, EnsembleGuide):
+        return len(guide) == 1 and is_deterministic(guide.guides[0])
     return isinstance(guide, (AutoDelta, PointGuide))
 
 
@@ -155,7 +240,7 @@ def draw_latents(guide: nn.Module, num_draws: int) -> dict[str, torch.Tensor]:
     """
     if isinstance(guide, PointGuide):
         return {}
-    if isinstance(guide, EmpiricalGuide):
+    if isinstance(guide, (EmpiricalGuide, EnsembleGuide)):
         return guide.draw(num_draws)
     with pyro.plate("_draws", num_draws, dim=-2):
         values = guide()

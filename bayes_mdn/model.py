@@ -113,10 +113,19 @@ class MixtureDensityModel(nn.Module):
         return {name: params[name].detach().clone() for name in self.latent_shapes}
 
     def _flat(self, weights: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
-        """Latent weights with their batch dimensions flattened into one, B."""
+        """Replacement weights with their batch dimensions flattened into one, B.
+
+        Any parameter of the network may be replaced, latent or not: an ensemble's draws
+        replace every parameter (see :class:`bayes_mdn.guides.EnsembleGuide`).
+        """
         flat = {}
+        shapes = None
         for name, value in (weights or {}).items():
-            event = self.latent_shapes[name]
+            event = self.latent_shapes.get(name)
+            if event is None:
+                if shapes is None:
+                    shapes = {n: p.shape for n, p in self.net.named_parameters()}
+                event = shapes[name]
             batch = value.shape[: value.dim() - len(event)]
             flat[name] = value.reshape(-1, *event) if len(batch) else value
         return flat

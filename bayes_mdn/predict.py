@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from . import mixtures
 from ._utils import pyro_scope, seeded
-from .guides import draw_latents, is_deterministic
+from .guides import EnsembleGuide, draw_latents, is_deterministic
 from .model import DEFAULT_MAX_ELEMENTS, OBS_SITE, MixtureDensityModel
 from .nets import MixtureParams
 
@@ -43,6 +43,8 @@ __all__ = [
 def _effective_draws(guide: nn.Module, num_draws: int) -> int:
     if not isinstance(num_draws, int) or isinstance(num_draws, bool) or num_draws < 1:
         raise ValueError(f"num_draws must be an integer >= 1, got {num_draws!r}")
+    if isinstance(guide, EnsembleGuide):
+        return guide.effective_draws(num_draws)
     return 1 if is_deterministic(guide) else num_draws
 
 
@@ -162,6 +164,8 @@ def sample_predictive(
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     device = model.prior_scale.device
+    if isinstance(guide, EnsembleGuide):
+        return _sample_ensemble(guide, x, num_samples, seed, max_elements, sampler)
     with pyro_scope(), seeded(seed, device), torch.no_grad():
         weights = draw_latents(guide, num_samples)
         shared = is_deterministic(guide)
@@ -201,6 +205,29 @@ def sample_predictive(
             for sl in _chunks(len(x), num_samples * d_y, max_elements)
         ]
         return torch.cat(outs, dim=1) if outs else x.new_zeros(num_samples, 0, d_y)
+
+
+def _sample_ensemble(
+    ensemble: EnsembleGuide,
+    x: Tensor,
+    num_samples: int,
+    seed: int | None,
+    max_elements: int,
+    sampler: str,
+) -> Tensor:
+    """Draws of an ensemble's predictive: each draw from a member picked as
+    :meth:`EnsembleGuide.assignment` picks them, through that member's own sampler."""
+    with seeded(seed, x.device):
+        which = ensemble.assignment(num_samples).to(x.device)
+        member_seeds = torch.randint(2**62, (len(ensemble),)).tolist()
+    out = x.new_empty(num_samples, len(x), ensemble.models[0].net.d_y)
+    for m, (model, guide) in enumerate(ensemble.members):
+        idx = (which == m).nonzero().flatten()
+        if len(idx):
+            out[idx] = sample_predictive(
+                model, guide, x, len(idx), member_seeds[m], max_elements, sampler
+            )
+    return out
 
 
 def _pooled(

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from bayes_mdn.fit import FitConfig, fit_svi, split_indices
+from bayes_mdn.fit import EVAL_STEPS, FitConfig, fit_svi, split_indices
 from tests.helpers import model_and_guide, small_data
 
 FAST = {"epochs": 6, "batch_size": 16, "progress": False, "device": "cpu", "val_fraction": 0.1}
@@ -14,8 +14,13 @@ def test_history_and_improvement(guide):
     model, g = model_and_guide("last", guide)
     x, y = small_data(80)
     history = fit_svi(model, g, x, y, FitConfig(**FAST | {"epochs": 30, "patience": None}))
-    assert len(history.train_loss) == 30 and len(history.val_nll) == 30
-    assert history.steps == 30 * math.ceil(72 / 16)
+    steps_per_epoch = math.ceil(72 / 16)
+    # Validation runs every ceil(EVAL_STEPS / steps per epoch) epochs, and after the last.
+    every = math.ceil(EVAL_STEPS / steps_per_epoch)
+    assert len(history.train_loss) == 30 and history.epochs == 30
+    assert history.val_epochs == sorted({*range(every - 1, 30, every), 29})
+    assert len(history.val_nll) == len(history.val_epochs)
+    assert history.steps == 30 * steps_per_epoch
     assert history.train_loss[-1] < history.train_loss[0]
     assert all(math.isfinite(v) for v in history.train_loss + history.val_nll)
 
@@ -29,7 +34,10 @@ def test_early_stopping_restores_the_best_state():
     )
     history = fit_svi(model, g, x, y, config)
     assert history.stopped_early
-    assert len(history.val_nll) == history.best_epoch + 3
+    # It stopped at the first validation at least `patience` epochs after the best one.
+    assert history.val_epochs[-1] - history.best_epoch >= 2
+    assert history.val_epochs[-2] - history.best_epoch < 2
+    assert len(history.train_loss) == history.val_epochs[-1] + 1
     _, val_idx = split_indices(80, config.val_fraction, config.seed)
     with torch.no_grad():
         kept = -model.log_predictive_density(x[val_idx], y[val_idx]).mean().item()
@@ -99,3 +107,20 @@ def test_bad_config(kwargs, match):
 def test_bad_seed_type():
     with pytest.raises(TypeError, match="seed"):
         FitConfig(seed="1")
+
+
+def test_auto_schedule_counts_steps_not_epochs():
+    from bayes_mdn.fit import AUTO_PATIENCE_STEPS, AUTO_STEPS, EVAL_STEPS, FitConfig
+
+    config = FitConfig()
+    # 133 rows in one batch: one step an epoch, so the budget is AUTO_STEPS epochs and
+    # validation runs every EVAL_STEPS epochs.
+    assert config.schedule(133) == (133, AUTO_STEPS, EVAL_STEPS, AUTO_PATIENCE_STEPS)
+    # A million rows in batches of 500: 2,000 steps an epoch.
+    batch, epochs, every, patience = config.schedule(1_000_000)
+    assert (batch, epochs, every) == (500, -(-AUTO_STEPS // 2000), 1)
+    assert patience == 3  # at least three validation checks
+    # Explicit settings win.
+    assert FitConfig(epochs=7, patience=2).schedule(100)[1:] == (7, EVAL_STEPS, 2)
+    with pytest.raises(ValueError, match="epochs"):
+        FitConfig(epochs="many")
