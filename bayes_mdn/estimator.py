@@ -14,7 +14,14 @@ from torch import Tensor
 from . import predict as _predict
 from ._utils import pyro_scope, resolve_device, seeded
 from ._validation import as_2d_float
-from .fit import FitConfig, FitHistory, check_checkpoint_args, fit_nuts, fit_svi
+from .fit import (
+    FitConfig,
+    FitHistory,
+    check_checkpoint_args,
+    checkpoint_identity,
+    fit_nuts,
+    fit_svi,
+)
 from .guides import GUIDES, EmpiricalGuide, make_guide
 from .model import BAYESIAN_LAYERS, MixtureDensityModel
 from .nets import ACTIVATIONS, COVARIANCES, MixtureDensityNetwork, MixtureParams
@@ -332,6 +339,7 @@ class BayesianMDN:
             checkpoint=self.checkpoint,
             checkpoint_every=self.checkpoint_every,
             resume=self.resume,
+            identity=checkpoint_identity(self.get_params()),
         )
         if self.method == "nuts":
             with pyro_scope(), torch.no_grad():
