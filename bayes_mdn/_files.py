@@ -1,13 +1,16 @@
 """Atomic file writes: a crash never leaves a half-written file under the final name.
 
-Each write goes to a hidden temporary file beside the target, named
-``.<target name>.<random>.bayes_mdn.tmp``, which is renamed onto the target once complete.
-A writer holds an exclusive ``flock`` on its temporary file until the rename. A process
-killed mid-write leaves its temporary file behind, unlocked (the kernel drops a dead
-process's locks); the next atomic write to the same folder removes every such unlocked
-file of this naming, and leaves a locked one, a write still in progress, alone. Where
-``fcntl.flock`` is missing (Windows) or refused by the file system, nothing is removed:
-a live write and a stale file cannot be told apart there.
+Each write goes to a hidden temporary file beside the target, renamed onto the target once
+complete. Its writer first creates and ``flock``-s a lock file, ``.<target name>.<random>``
+plus ``.bayes_mdn.lock``, and names the temporary file after it (``.bayes_mdn.tmp`` in
+place of ``.bayes_mdn.lock``); both are gone once the write ends, however it ends, unless
+the process is killed. The lock is held on a file of its own, not on the temporary file,
+because some writers (HDF5, for netCDF) lock the file they write themselves. The kernel
+drops a dead process's locks, so the next atomic write to the same folder can tell a
+killed write from a live one: it removes the temporary and lock files of every unlocked
+lock file of this naming, and leaves those of live writes alone. Where ``fcntl.flock`` is
+missing (Windows) or refused by the file system, nothing is removed: a live write and a
+stale file cannot be told apart there.
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ try:
 except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["TEMP_SUFFIX", "atomic_path", "remove_stale_temporaries", "write_json"]
+__all__ = ["LOCK_SUFFIX", "TEMP_SUFFIX", "atomic_path", "remove_stale_temporaries", "write_json"]
 
-#: Ending of the temporary files of :func:`atomic_path`; only files that start with a dot
-#: and end so are ever removed as stale.
+#: Endings of the lock and temporary files of :func:`atomic_path`; only files that start
+#: with a dot and end so are ever removed as stale.
+LOCK_SUFFIX = ".bayes_mdn.lock"
 TEMP_SUFFIX = ".bayes_mdn.tmp"
 
 
@@ -55,9 +59,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise IsADirectoryError(f"path {os.fspath(path)!r} is a folder; name a file to write")
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(target.parent)
-    fd, tmp = _locked_temporary(target)
+    lock_fd, lock, tmp = _claim(target)
     try:
-        yield Path(tmp)
+        yield tmp
         # mkstemp creates files readable by their owner only; give the usual permissions.
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
@@ -66,28 +70,46 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             os.remove(tmp)
         raise
     finally:
-        os.close(fd)  # releases the lock, after the rename
+        # The lock file goes while still locked, so no cleaner ever sees it unlocked.
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(lock)
+        os.close(lock_fd)
 
 
-def _locked_temporary(target: Path) -> tuple[int, str]:
-    """A new temporary file beside ``target``, created and locked by this process.
+def _claim(target: Path) -> tuple[int, str, Path]:
+    """A locked lock file beside ``target`` and the (created, empty) temporary file named
+    after it: (lock descriptor, lock path, temporary path).
 
-    Between creating the file and locking it, another writer's cleanup may take it for
-    stale and remove it; that shows as the path no longer naming the locked file, and a
-    new one is made.
+    Between creating the lock file and locking it, another writer's cleanup may take it
+    for stale and remove it; that shows as its path no longer naming the locked file, and
+    another is made.
     """
     while True:
-        fd, tmp = tempfile.mkstemp(
-            dir=target.parent, prefix=f".{target.name}.", suffix=TEMP_SUFFIX
+        fd, lock = tempfile.mkstemp(
+            dir=target.parent, prefix=f".{target.name}.", suffix=LOCK_SUFFIX
         )
-        if not _lock(fd, block=True):
-            return fd, tmp
+        if _lock(fd, block=True) and not _names(lock, fd):
+            os.close(fd)
+            continue
+        tmp = Path(lock[: -len(LOCK_SUFFIX)] + TEMP_SUFFIX)
         try:
-            if os.stat(tmp).st_ino == os.fstat(fd).st_ino:
-                return fd, tmp
-        except FileNotFoundError:
-            pass
-        os.close(fd)
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            return fd, lock, tmp
+        except BaseException as err:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(lock)
+            os.close(fd)
+            # A temporary file of that name left without its lock file: take another name.
+            if not isinstance(err, FileExistsError):
+                raise
+
+
+def _names(path: str, fd: int) -> bool:
+    """Whether ``path`` still names the file open as ``fd``."""
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def _lock(fd: int, block: bool) -> bool:
@@ -107,15 +129,16 @@ def _lock(fd: int, block: bool) -> bool:
 
 
 def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[str]:
-    """Remove the temporary files that killed writers of :func:`atomic_path` left in
-    ``folder``; returns their names. Best effort: what cannot be checked stays."""
+    """Remove what killed writers of :func:`atomic_path` left in ``folder`` (temporary
+    and lock files); returns the names removed. Best effort: what cannot be checked
+    stays."""
     removed: list[str] = []
     try:
         entries = list(os.scandir(folder))
     except OSError:
         return removed
     for entry in entries:
-        if not (entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX)):
+        if not (entry.name.startswith(".") and entry.name.endswith(LOCK_SUFFIX)):
             continue
         try:
             if not entry.is_file(follow_symlinks=False):
@@ -124,9 +147,13 @@ def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[str]:
         except OSError:
             continue
         try:
-            # Unlocked means its writer is gone; removed while locked by us, so a writer
-            # that created it a moment ago sees it vanish and makes another.
-            if _lock(fd, block=False) and os.stat(entry.path).st_ino == os.fstat(fd).st_ino:
+            # Unlocked means its writer is gone. Removed while we hold the lock, so that a
+            # writer which created it a moment ago sees it vanish and makes another.
+            if _lock(fd, block=False) and _names(entry.path, fd):
+                tmp = entry.path[: -len(LOCK_SUFFIX)] + TEMP_SUFFIX
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(tmp)
+                    removed.append(os.path.basename(tmp))
                 os.remove(entry.path)
                 removed.append(entry.name)
         except OSError:  # BlockingIOError: a live writer holds it

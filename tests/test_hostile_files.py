@@ -25,7 +25,7 @@ from safetensors.torch import save as st_save
 
 from bayes_mdn import BayesianMDN, ModelFileError, load
 from bayes_mdn._archive import _digest, _tensor_items, pack, read_archive
-from bayes_mdn._files import TEMP_SUFFIX
+from bayes_mdn._files import LOCK_SUFFIX, TEMP_SUFFIX
 from bayes_mdn.io import FORMAT_VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -202,8 +202,8 @@ def test_save_to_an_empty_path_or_a_folder(tmp_path):
 
 
 # -- temporary files of killed saves ---------------------------------------------------------
-def _temporaries(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.endswith(TEMP_SUFFIX))
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith((TEMP_SUFFIX, LOCK_SUFFIX)))
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="flock and SIGKILL are POSIX")
@@ -227,12 +227,13 @@ def test_temporary_file_of_a_killed_save_is_removed_by_the_next(tmp_path):
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-c", code], env=env, timeout=300)
     assert result.returncode == -signal.SIGKILL
-    stale = _temporaries(tmp_path)
-    assert len(stale) == 1 and (tmp_path / stale[0]).stat().st_size > 0
+    stale = _leftovers(tmp_path)
+    assert [name.endswith(LOCK_SUFFIX) for name in stale] == [True, False]
+    assert (tmp_path / stale[1]).stat().st_size > 1000  # the whole model, left behind
     assert path.read_bytes() == old  # the killed save never touched the file
 
     _fit(seed=3).save(path)
-    assert _temporaries(tmp_path) == []
+    assert _leftovers(tmp_path) == []
     assert load(path, device="cpu").seed == 3
 
 
@@ -240,17 +241,23 @@ def test_temporary_file_of_a_killed_save_is_removed_by_the_next(tmp_path):
 def test_temporary_file_of_a_live_save_is_left_alone(tmp_path):
     import fcntl
 
-    live = tmp_path / f".m.safetensors.abcd1234{TEMP_SUFFIX}"
-    stale = tmp_path / f".other.wxyz9876{TEMP_SUFFIX}"
+    def pair(stem: str) -> tuple[Path, Path]:
+        lock, tmp = tmp_path / f"{stem}{LOCK_SUFFIX}", tmp_path / f"{stem}{TEMP_SUFFIX}"
+        lock.write_bytes(b"")
+        tmp.write_bytes(b"partial")
+        return lock, tmp
+
+    live = pair(".m.safetensors.abcd1234")
+    stale = pair(".other.wxyz9876")
     foreign = tmp_path / ".m.safetensors.abcd1234.tmp"  # another program's naming
-    for p in (live, stale, foreign):
-        p.write_bytes(b"partial")
-    with open(live, "rb") as held:
-        fcntl.flock(held.fileno(), fcntl.LOCK_EX)  # as the writer holds it while writing
+    foreign.write_bytes(b"theirs")
+    with open(live[0], "rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)  # as a writer holds it while writing
         _fit().save(tmp_path / "m.safetensors")
-        assert live.exists() and foreign.exists() and not stale.exists()
+        assert all(p.exists() for p in live) and not any(p.exists() for p in stale)
     _fit().save(tmp_path / "m.safetensors")
-    assert not live.exists() and foreign.exists()
+    assert not any(p.exists() for p in live) and foreign.exists()
+    assert _leftovers(tmp_path) == []
 
 
 # -- random headers --------------------------------------------------------------------------
