@@ -13,7 +13,14 @@ from torch import Tensor
 
 from . import predict as _predict
 from ._utils import pyro_scope, resolve_device, seeded
-from ._validation import as_2d_float
+from ._validation import (
+    as_2d_float,
+    as_levels,
+    check_dtype_range,
+    check_dtype_resolution,
+    check_seed,
+    standardization,
+)
 from .fit import (
     FitConfig,
     FitHistory,
@@ -303,6 +310,9 @@ class BayesianMDN:
         config = self._check_options()
         x_arr, _ = as_2d_float(X, "X", allow_1d=False)
         y_arr, y_1d = as_2d_float(y, "y", allow_1d=True)
+        for name, arr in (("X", x_arr), ("y", y_arr)):
+            check_dtype_range(arr, name, self.dtype)
+            check_dtype_resolution(arr, name, self.dtype)
         if len(x_arr) != len(y_arr):
             raise ValueError(
                 f"X and y must have the same number of rows, got {len(x_arr)} and {len(y_arr)}"
@@ -324,12 +334,10 @@ class BayesianMDN:
         dtype = DTYPES[self.dtype]
         x = torch.as_tensor(x_arr, dtype=dtype, device=device)
         yt = torch.as_tensor(y_arr, dtype=dtype, device=device)
-        x_scale = x.std(0)
-        x_scale = torch.where(x_scale > 0, x_scale, torch.ones_like(x_scale))
-
-        model, guide = self._build_model(
-            x.shape[1], yt.shape[1], (x.mean(0), x_scale, yt.mean(0), yt.std(0)), self.seed
+        stats = tuple(
+            torch.as_tensor(s, dtype=dtype, device=device) for s in standardization(x_arr, y_arr)
         )
+        model, guide = self._build_model(x.shape[1], yt.shape[1], stats, self.seed)
         self.history_: FitHistory = fit_svi(
             model,
             guide,
@@ -424,6 +432,7 @@ class BayesianMDN:
                 f"{self.n_features_in_}"
             )
         ref = self.model_.prior_scale
+        check_dtype_range(arr, "X", ref.dtype)
         return torch.as_tensor(arr, dtype=ref.dtype, device=ref.device)
 
     def _y(self, y: Any, n: int) -> Tensor:
@@ -435,13 +444,16 @@ class BayesianMDN:
         if len(arr) != n:
             raise ValueError(f"X and y must have the same number of rows, got {n} and {len(arr)}")
         ref = self.model_.prior_scale
+        check_dtype_range(arr, "y", ref.dtype)
         return torch.as_tensor(arr, dtype=ref.dtype, device=ref.device)
 
     def _draws(self, num_draws: int | None) -> int:
         return self.num_draws if num_draws is None else num_draws
 
     def _seed(self, seed: int | Literal["default"] | None) -> int | None:
-        return self.seed if seed == "default" else seed
+        if isinstance(seed, str) and seed == "default":
+            return self.seed
+        return check_seed(seed, also="'default' (the estimator's seed)")
 
     def _out(self, t: Tensor) -> np.ndarray:
         """To NumPy, dropping the output axis (the last) for 1-D targets."""
@@ -471,7 +483,7 @@ class BayesianMDN:
     ) -> np.ndarray:
         """Quantiles of the exact predictive CDF: shape (n, m) or (n, m, d_y) for m levels."""
         x = self._x(X)
-        q_t = torch.as_tensor(np.atleast_1d(np.asarray(q, dtype=float)), dtype=x.dtype)
+        q_t = torch.as_tensor(as_levels(q, "q"), dtype=x.dtype)
         out = _predict.predictive_quantiles(
             self.model_, self.guide_, x, q_t.to(x.device), self._draws(num_draws), self._seed(seed)
         )

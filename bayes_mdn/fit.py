@@ -26,6 +26,7 @@ from torch.distributions.transforms import ComposeTransform, IndependentTransfor
 
 from ._archive import ModelFileError, TensorSpec, read_archive, write_archive
 from ._utils import pyro_scope, resolve_device, seeded
+from ._validation import check_seed
 from .guides import PointGuide, draw_latents, is_deterministic
 from .model import MixtureDensityModel
 
@@ -69,7 +70,8 @@ class FitConfig:
         ignore it, their objectives being computed directly (:class:`MapLoss`,
         :class:`MeanFieldLoss`, faster than the JIT-compiled ELBO); ``"lowrank"``
         refuses it with a ValueError when the fit starts.
-    seed : seed of every random choice of the fit; None for fresh randomness
+    seed : seed of every random choice of the fit, an integer in [0, 2**63); None for
+        fresh randomness
     device : "auto", "cpu", "cuda" or "cuda:N"
     progress : show a tqdm progress bar
     num_threads : torch intra-op threads while fitting on the CPU (restored afterwards);
@@ -120,10 +122,8 @@ class FitConfig:
             raise ValueError(f"clip_norm must be None or > 0, got {self.clip_norm!r}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
-        if self.seed is not None and (
-            not isinstance(self.seed, int) or isinstance(self.seed, bool)
-        ):
-            raise TypeError(f"seed must be an int or None, got {type(self.seed).__name__}")
+        # Frozen: the checked seed (a NumPy integer becomes an int) is set through object.
+        object.__setattr__(self, "seed", check_seed(self.seed))
         resolve_device(self.device)
 
     def to_dict(self) -> dict:
