@@ -334,10 +334,12 @@ class BayesianMDN:
         dtype = DTYPES[self.dtype]
         x = torch.as_tensor(x_arr, dtype=dtype, device=device)
         yt = torch.as_tensor(y_arr, dtype=dtype, device=device)
-        stats = tuple(
+        x_loc, x_scale, y_loc, y_scale = (
             torch.as_tensor(s, dtype=dtype, device=device) for s in standardization(x_arr, y_arr)
         )
-        model, guide = self._build_model(x.shape[1], yt.shape[1], stats, self.seed)
+        model, guide = self._build_model(
+            x.shape[1], yt.shape[1], (x_loc, x_scale, y_loc, y_scale), self.seed
+        )
         self.history_: FitHistory = fit_svi(
             model,
             guide,
