@@ -16,6 +16,7 @@ come back as float64 whatever the model's dtype: in float32 the variance of targ
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import cast
 
 import torch
 from pyro import poutine
@@ -239,13 +240,19 @@ def _pooled(
     )
 
 
+def _y_units(model: MixtureDensityModel) -> tuple[Tensor, Tensor]:
+    """The location and scale of y (the model's standardization), in float64."""
+    loc, scale = cast(Tensor, model.y_loc), cast(Tensor, model.y_scale)
+    return loc.to(torch.float64), scale.to(torch.float64)
+
+
 def _to_user_units(model: MixtureDensityModel, z: Tensor, power: int, what: str) -> Tensor:
     """A moment in standardized units of y -> y's units, in float64: ``z`` (last axis
     y's d) times y_scale ** ``power``, 1 for a standard deviation, 2 for a variance.
 
     Raises ``OverflowError`` when a finite standardized moment overflows float64.
     """
-    scale = model.y_scale.to(torch.float64)
+    _, scale = _y_units(model)
     out = z.to(torch.float64) * scale**power
     _check_overflow(z, out, what, scale)
     return out
@@ -270,8 +277,8 @@ def predictive_mean(
 ) -> Tensor:
     """Mean of the posterior predictive, float64 Tensor of shape (n, d)."""
     z = _pooled(model, guide, x, num_draws, seed, mixtures.mean, max_elements)
-    scale = model.y_scale.to(torch.float64)
-    out = model.y_loc.to(torch.float64) + scale * z.to(torch.float64)
+    loc, scale = _y_units(model)
+    out = loc + scale * z.to(torch.float64)
     _check_overflow(z, out, "mean", scale)
     return out
 
@@ -325,7 +332,7 @@ def predictive_covariance(
     z = _pooled(
         model, guide, x, num_draws, seed, mixtures.covariance, max_elements, cost=model.net.d_y
     )
-    scale = model.y_scale.to(torch.float64)
+    _, scale = _y_units(model)
     out = z.to(torch.float64) * (scale[:, None] * scale[None, :])
     _check_overflow(z, out, "covariance", scale)
     return out

@@ -378,7 +378,12 @@ def test_unfitted_estimator_refuses_to_predict():
         (["demo", "--epochs", "0"], "expected an integer >= 1"),
         (["demo", "--n-train", "many"], "expected an integer"),
         (["demo", "--device", "tpu"], "device must be"),
-        (["demo", "--seed", "1.5"], "invalid int value"),
+        (["demo", "--seed", "1.5"], "argument --seed: expected an integer seed, got '1.5'"),
+        (["demo", "--seed", str(2**70)], "argument --seed: expected a seed in [0, 2**63)"),
+        (
+            ["fit", "--csv", "a", "--x", "x", "--y", "y", "--model", "m", "--seed", "-1"],
+            "[0, 2**63)",
+        ),
         (["fly"], "invalid choice"),
         ([], "required"),
     ],
