@@ -286,18 +286,37 @@ def read_archive(
         header = _parse_header(text, where)
         if check is not None:
             specs = {name: TensorSpec(e.dtype, e.shape) for name, e in layout.items()}
-            check(unpack(header, specs))
+            check(_unpack_file(header, specs, where))
         start = size - sum(e.end - e.begin for e in layout.values())
-        data = bytearray(size - start)
         fh.seek(start)
-        if fh.readinto(data) != len(data):
-            raise ModelFileError(f"{where} changed size while it was read")
+        data = _read_exactly(fh, size - start, where)
     chunks = {name: memoryview(data)[e.begin : e.end] for name, e in layout.items()}
     items = ((name, e.dtype, e.shape, chunks[name]) for name, e in layout.items())
     if _digest(text, items) != meta.get("sha256"):
         raise ModelFileError(f"{where} is corrupted: its checksum does not match its contents")
     tensors = {name: _tensor(chunks[name], e) for name, e in layout.items()}
-    return unpack(header, tensors)
+    return _unpack_file(header, tensors, where)
+
+
+def _unpack_file(header: Any, tensors: Mapping[str, Any], where: str) -> Any:
+    try:
+        return unpack(header, tensors)
+    except ModelFileError as err:
+        raise ModelFileError(f"{where} is corrupted: {err}") from None
+
+
+def _read_exactly(fh: Any, n: int, where: str) -> bytearray:
+    """``n`` bytes from the raw file ``fh``; one read() returns at most about 2 GiB on
+    Linux, and fewer than asked when the file shrank meanwhile."""
+    data = bytearray(n)
+    view = memoryview(data)
+    done = 0
+    while done < n:
+        got = fh.readinto(view[done:])
+        if not got:
+            raise ModelFileError(f"{where} changed size while it was read")
+        done += got
+    return data
 
 
 def _file_type(mode: int) -> str:
@@ -317,7 +336,7 @@ def _read_layout(
 ) -> tuple[dict[str, _Entry], dict[str, str]]:
     """The safetensors layout (tensor entries by name) and metadata, checked against the
     file's size before the tensor bytes are touched."""
-    prefix = fh.read(8)
+    prefix = fh.read(8) if size >= 8 else b""
     if len(prefix) < 8:
         raise ModelFileError(f"{where} is not a bayes_mdn {kind} file: only {size} bytes")
     n = int.from_bytes(prefix, "little")
@@ -326,7 +345,7 @@ def _read_layout(
             f"{where} is not a bayes_mdn {kind} file, or is truncated: its first bytes "
             f"announce a header of {n} bytes, but the file holds {size - 8} after them"
         )
-    raw = fh.read(n)
+    raw = _read_exactly(fh, n, where)
     try:
         outer = json.loads(raw)
     except (ValueError, RecursionError) as err:
