@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 __all__ = ["build_parser", "main", "verb_main"]
@@ -17,6 +19,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**63), got {text}")
     return value
 
 
@@ -59,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-train", type=_positive_int, default=5000, help="training points")
     demo.add_argument("--n-test", type=_positive_int, default=20000, help="fresh test points")
     demo.add_argument("--epochs", type=_positive_int, default=300, help="maximum epochs")
-    demo.add_argument("--seed", type=int, default=0, help="seed of data and fits")
+    demo.add_argument("--seed", type=_seed, default=0, help="seed of data and fits")
     demo.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -88,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("--bayesian", choices=("none", "last", "all"), default="last")
     diag.add_argument("--guide", choices=("delta", "normal", "lowrank"), default="normal")
     diag.add_argument("--num-draws", type=_positive_int, default=100, help="posterior draws")
-    diag.add_argument("--seed", type=int, default=0, help="seed of data, fit and draws")
+    diag.add_argument("--seed", type=_seed, default=0, help="seed of data, fit and draws")
     diag.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     diag.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -130,7 +142,14 @@ def _add_fit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=_positive_int, default=300, help="maximum epochs")
     p.add_argument("--batch-size", type=_positive_int, default=500, help="mini-batch size")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    p.add_argument("--seed", type=int, default=0, help="seed of the fit")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the fit")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float64"),
+        default="float32",
+        help="precision of the model (default: %(default)s; float64 holds values beyond "
+        "3.4e38 and spreads finer than float32 resolves)",
+    )
     p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -147,7 +166,7 @@ def _add_predict_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="write this many posterior-predictive draws per row instead of summaries",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the posterior draws")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the posterior draws")
     p.add_argument("--device", type=_device, default="cpu", help="where to load the model")
 
 
@@ -158,13 +177,30 @@ def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--y", required=True, type=_columns, help="target column(s), comma-separated")
     p.add_argument("--out", required=True, help="folder for metrics.json and figures")
     p.add_argument("--levels", type=_levels, default=(0.5, 0.9), help="interval levels")
-    p.add_argument("--seed", type=int, default=0, help="seed of the posterior draws")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the posterior draws")
     p.add_argument("--device", type=_device, default="cpu", help="where to load the model")
+
+
+def _refuse_overwrite(out: str, out_flag: str, inputs: dict[str, str | None]) -> None:
+    """Refuse an output path that names one of the inputs (the same file, by any path)."""
+    target = Path(out).resolve()
+    for flag, path in inputs.items():
+        if path is None:
+            continue
+        same = target == Path(path).resolve()
+        if not same and target.exists() and Path(path).exists():
+            same = os.path.samefile(target, path)
+        if same:
+            raise ValueError(
+                f"{out_flag} {out!r} is the file given by {flag}: writing there would "
+                "overwrite an input; choose another output path"
+            )
 
 
 def _run_fit(args: argparse.Namespace) -> int:
     from .tabular import fit_csv
 
+    _refuse_overwrite(args.model, "--model", {"--csv": args.csv})
     guide = "delta" if args.bayesian == "none" else args.guide
     mdn = fit_csv(
         args.csv,
@@ -179,6 +215,7 @@ def _run_fit(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
+        dtype=args.dtype,
         device=args.device,
         progress=not args.no_progress,
     )
@@ -194,10 +231,12 @@ def _run_fit(args: argparse.Namespace) -> int:
 
 def _run_predict(args: argparse.Namespace) -> int:
     from .io import load
-    from .tabular import predict_table, read_columns, write_csv
+    from .tabular import check_columns_fit, predict_table, read_columns, write_csv
 
+    _refuse_overwrite(args.out, "--out", {"--csv": args.csv, "--model": args.model})
     model = load(args.model, device=args.device)
     X = read_columns(args.csv, args.x, "--x")
+    check_columns_fit(args.csv, X, args.x, "--x", model.dtype)
     header, cols = predict_table(model, X, args.levels, n_samples=args.samples, seed=args.seed)
     write_csv(args.out, header, cols)
     print(
@@ -209,11 +248,14 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from .io import load
-    from .tabular import evaluate_model, read_columns
+    from .tabular import check_columns_fit, evaluate_model, read_columns
 
+    _refuse_overwrite(args.out, "--out", {"--csv": args.csv, "--model": args.model})
     model = load(args.model, device=args.device)
     X = read_columns(args.csv, args.x, "--x")
     y = read_columns(args.csv, args.y, "--y")
+    check_columns_fit(args.csv, X, args.x, "--x", model.dtype)
+    check_columns_fit(args.csv, y, args.y, "--y", model.dtype)
     metrics = evaluate_model(model, X, y, args.out, args.levels, seed=args.seed)
     cover = ", ".join(f"{k}: {v[0]:.3f}" for k, v in metrics["coverage"].items())
     print(f"NLL {metrics['nll']:.4f} nats/point; interval coverage {cover}")
@@ -249,11 +291,18 @@ VERBS = {
 }
 
 
+# What bad input (files, columns, values, settings) raises: each becomes exit status 2 and
+# one line on stderr. ArithmeticError covers a fit that diverges (FloatingPointError) and
+# a moment beyond float64 (OverflowError).
+_BAD_INPUT = (ValueError, TypeError, OSError, ArithmeticError)
+
+
 def _run(name: str, handler: Any, args: argparse.Namespace) -> int:
     try:
         return handler(args)
-    except (ValueError, TypeError, OSError) as err:
-        print(f"{name}: error: {err}", file=sys.stderr)
+    except _BAD_INPUT as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"{name}: error: {message}", file=sys.stderr)
         return 2
 
 
@@ -276,18 +325,24 @@ def _run_diagnose(args: argparse.Namespace) -> int:
     from .diagnostics import run_diagnostics
     from .estimator import BayesianMDN
     from .io import load
-    from .tabular import read_columns
+    from .tabular import check_columns_fit, read_columns
 
+    model = None
     if args.csv is not None or args.model is not None:
         if args.csv is None or args.x is None or args.y is None:
             raise ValueError("--model and --csv need --csv, --x and --y (column names)")
         X = read_columns(args.csv, args.x, "--x")
-        y = read_columns(args.csv, args.y, "--y")
-        y = y[:, 0] if y.shape[1] == 1 else y
+        Y = read_columns(args.csv, args.y, "--y")
+        # The report folder is written piece by piece: values the model's dtype cannot
+        # hold are refused before anything is written.
+        model = load(args.model, device=args.device) if args.model is not None else None
+        dtype = "float32" if model is None else model.dtype
+        check_columns_fit(args.csv, X, args.x, "--x", dtype)
+        check_columns_fit(args.csv, Y, args.y, "--y", dtype)
+        y = Y[:, 0] if Y.shape[1] == 1 else Y
     else:
         X, y = make_inverse_sine(args.n_train + args.n_train // 3, seed=args.seed)
-    if args.model is not None:
-        model = load(args.model, device=args.device)
+    if model is not None:
         report = run_diagnostics(
             model, X, y, out_dir=args.out, num_draws=args.num_draws, seed=args.seed
         )

@@ -15,8 +15,22 @@ from torch import Tensor
 
 from . import predict as _predict
 from ._utils import pyro_scope, resolve_device, seeded
-from ._validation import as_2d_float
-from .fit import FitConfig, FitHistory, check_checkpoint_args, fit_nuts, fit_svi
+from ._validation import (
+    as_2d_float,
+    as_levels,
+    check_dtype_range,
+    check_dtype_resolution,
+    check_seed,
+    standardization,
+)
+from .fit import (
+    FitConfig,
+    FitHistory,
+    check_checkpoint_args,
+    checkpoint_identity,
+    fit_nuts,
+    fit_svi,
+)
 from .guides import GUIDES, EmpiricalGuide, EnsembleGuide, make_guide
 from .model import BAYESIAN_LAYERS, MixtureDensityModel
 from .nets import ACTIVATIONS, COVARIANCES, MixtureDensityNetwork, MixtureParams
@@ -336,6 +350,9 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         self._check_columns(X, reset=True)
         x_arr, _ = as_2d_float(X, "X", allow_1d=False)
         y_arr, y_1d = as_2d_float(y, "y", allow_1d=True)
+        for name, arr in (("X", x_arr), ("y", y_arr)):
+            check_dtype_range(arr, name, self.dtype)
+            check_dtype_resolution(arr, name, self.dtype)
         if len(x_arr) != len(y_arr):
             raise ValueError(
                 f"X and y must have the same number of rows, got {len(x_arr)} and {len(y_arr)}"
@@ -359,10 +376,10 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         dtype = DTYPES[self.dtype]
         x = torch.as_tensor(x_arr, dtype=dtype, device=device)
         yt = torch.as_tensor(y_arr, dtype=dtype, device=device)
-        x_scale = x.std(0)
-        x_scale = torch.where(x_scale > 0, x_scale, torch.ones_like(x_scale))
-
-        stats = (x.mean(0), x_scale, yt.mean(0), yt.std(0))
+        x_loc, x_scale, y_loc, y_scale = (
+            torch.as_tensor(s, dtype=dtype, device=device) for s in standardization(x_arr, y_arr)
+        )
+        stats = (x_loc, x_scale, y_loc, y_scale)
         # method="nuts" samples one model's latent weights: one SVI member is its start.
         n_members = 1 if self.method == "nuts" else self.n_members
         seeds = [None if self.seed is None else self.seed + m for m in range(n_members)]
@@ -429,6 +446,7 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
             checkpoint=checkpoint,
             checkpoint_every=self.checkpoint_every,
             resume=self.resume,
+            identity=checkpoint_identity(self.get_params()),
         )
 
     # -- persistence -----------------------------------------------------------------
@@ -491,6 +509,7 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
                 f"{self.n_features_in_} features as input"
             )
         ref = self.model_.prior_scale
+        check_dtype_range(arr, "X", ref.dtype)
         return torch.as_tensor(arr, dtype=ref.dtype, device=ref.device)
 
     def _y(self, y: Any, n: int) -> Tensor:
@@ -502,13 +521,16 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         if len(arr) != n:
             raise ValueError(f"X and y must have the same number of rows, got {n} and {len(arr)}")
         ref = self.model_.prior_scale
+        check_dtype_range(arr, "y", ref.dtype)
         return torch.as_tensor(arr, dtype=ref.dtype, device=ref.device)
 
     def _draws(self, num_draws: int | None) -> int:
         return self.num_draws if num_draws is None else num_draws
 
     def _seed(self, seed: int | Literal["default"] | None) -> int | None:
-        return self.seed if seed == "default" else seed
+        if isinstance(seed, str) and seed == "default":
+            return self.seed
+        return check_seed(seed, also="'default' (the estimator's seed)")
 
     def _out(self, t: Tensor) -> np.ndarray:
         """To NumPy, dropping the output axis (the last) for 1-D targets."""
@@ -538,7 +560,7 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
     ) -> np.ndarray:
         """Quantiles of the exact predictive CDF: shape (n, m) or (n, m, d_y) for m levels."""
         x = self._x(X)
-        q_t = torch.as_tensor(np.atleast_1d(np.asarray(q, dtype=float)), dtype=x.dtype)
+        q_t = torch.as_tensor(as_levels(q, "q"), dtype=x.dtype)
         out = _predict.predictive_quantiles(
             self.model_, self.guide_, x, q_t.to(x.device), self._draws(num_draws), self._seed(seed)
         )

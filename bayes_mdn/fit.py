@@ -13,7 +13,7 @@ import hashlib
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -24,8 +24,9 @@ from torch import Tensor, nn
 from torch.distributions import transform_to
 from torch.distributions.transforms import ComposeTransform, IndependentTransform
 
-from ._archive import read_archive, write_archive
+from ._archive import ModelFileError, TensorSpec, read_archive, write_archive
 from ._utils import pyro_scope, resolve_device, seeded
+from ._validation import check_seed
 from .guides import PointGuide, draw_latents, is_deterministic
 from .model import MixtureDensityModel
 
@@ -36,6 +37,7 @@ __all__ = [
     "MapLoss",
     "MeanFieldLoss",
     "check_checkpoint_args",
+    "checkpoint_identity",
     "fit_nuts",
     "fit_svi",
 ]
@@ -76,7 +78,8 @@ class FitConfig:
         ignore it, their objectives being computed directly (:class:`MapLoss`,
         :class:`MeanFieldLoss`, faster than the JIT-compiled ELBO); ``"lowrank"``
         refuses it with a ValueError when the fit starts.
-    seed : seed of every random choice of the fit; None for fresh randomness
+    seed : seed of every random choice of the fit, an integer in [0, 2**63); None for
+        fresh randomness
     device : "auto", "cpu", "cuda" or "cuda:N"
     progress : show a tqdm progress bar
     num_threads : torch intra-op threads while fitting on the CPU (restored afterwards);
@@ -129,10 +132,8 @@ class FitConfig:
             raise ValueError(f"clip_norm must be None or > 0, got {self.clip_norm!r}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
-        if self.seed is not None and (
-            not isinstance(self.seed, int) or isinstance(self.seed, bool)
-        ):
-            raise TypeError(f"seed must be an int or None, got {type(self.seed).__name__}")
+        # Frozen: the checked seed (a NumPy integer becomes an int) is set through object.
+        object.__setattr__(self, "seed", check_seed(self.seed))
         resolve_device(self.device)
 
     def to_dict(self) -> dict:
@@ -460,6 +461,7 @@ def fit_svi(
     checkpoint: str | os.PathLike[str] | None = None,
     checkpoint_every: int = 10,
     resume: bool = False,
+    identity: Mapping[str, object] | None = None,
 ) -> FitHistory:
     """Fit ``guide`` (and the model's point-estimated weights) to (x, y) by SVI.
 
@@ -477,8 +479,17 @@ def fit_svi(
     checkpoint_every : epochs between checkpoints
     resume : continue from ``checkpoint`` when that file exists (else start afresh). The
         resumed fit ends at the same parameters as an uninterrupted one (bit-identical on
-        the CPU). The checkpoint must come from the same settings (``progress`` aside)
-        and the same data, else ``ValueError`` names what differs.
+        the CPU). The checkpoint must come from the same loop settings (``progress``
+        aside), the same ``identity``, a model and guide of the same parameter names,
+        shapes and dtypes and with the same constants (buffers such as the prior scales
+        and the standardization), and the same data; else ``ValueError`` names each
+        setting that differs, with the checkpoint's value and the new one.
+    identity : the settings that shape the model and guide but that the loop cannot see
+        (activation, min_scale, init_scale, ...: :class:`~bayes_mdn.BayesianMDN` passes
+        its constructor arguments, see :func:`checkpoint_identity`). JSON-like values
+        (numbers, strings, None, lists, mappings); anything else is compared by its
+        ``repr``. Stored in each checkpoint and compared on resume; None skips that
+        comparison (the structural ones remain).
 
     Returns
     -------
@@ -495,7 +506,8 @@ def fit_svi(
     device = x.device
     history = FitHistory()
     start = time.perf_counter()
-    digest = _data_digest(x, y) if checkpoint is not None else ""
+    data = _data_identity(x, y) if checkpoint is not None else {}
+    settings = None if identity is None else _plain(dict(identity))
     with pyro_scope(), seeded(config.seed, device), _cpu_threads(config.num_threads, device):
         train_idx, val_idx = split_indices(len(x), config.val_fraction, config.seed)
         train_idx, val_idx = train_idx.to(device), val_idx.to(device)
@@ -524,7 +536,13 @@ def fit_svi(
         stale = 0
         first_epoch = 0
         if resume and os.path.exists(checkpoint):  # type: ignore[arg-type]
-            saved = _read_checkpoint(checkpoint, config, digest)  # type: ignore[arg-type]
+            saved = _read_checkpoint(
+                checkpoint,  # type: ignore[arg-type]
+                config,
+                settings,
+                data,
+                loss_fn,
+            )
             first_epoch, best_score, stale, best_state, history = _restore_loop(
                 saved, loss_fn, optimizer, scheduler, device
             )
@@ -603,7 +621,8 @@ def fit_svi(
                     checkpoint,
                     epoch + 1,
                     config,
-                    digest,
+                    settings,
+                    data,
                     loss_fn,
                     optimizer,
                     scheduler,
@@ -634,10 +653,49 @@ def _progress(config: FitConfig, epochs: int, first_epoch: int = 0):
 
 
 # -- checkpoints ---------------------------------------------------------------------------
-CHECKPOINT_VERSION = 1
+#: Layout of checkpoint files; 2 added the model identity and the data's dtype and shapes.
+CHECKPOINT_VERSION = 2
 _CHECKPOINT_KIND = "checkpoint"
 # Settings that leave every number of a fit unchanged, so a resume may change them.
 _RESUME_FREE = ("progress",)
+# Estimator arguments that are bookkeeping, not part of what is fitted.
+_IDENTITY_FREE = ("progress", "checkpoint", "checkpoint_every", "resume", "num_threads")
+
+
+def checkpoint_identity(params: Mapping[str, object]) -> dict[str, object]:
+    """The ``identity`` of :func:`fit_svi` for an estimator with these constructor
+    arguments: all of them but the bookkeeping ones (progress, checkpoint,
+    checkpoint_every, resume, num_threads), so that an argument added later is part of
+    a checkpoint's identity without being listed anywhere.
+
+    Examples
+    --------
+    >>> sorted(checkpoint_identity({"hidden": (8,), "progress": True, "resume": True}))
+    ['hidden']
+    """
+    return {k: v for k, v in params.items() if k not in _IDENTITY_FREE}
+
+
+def _plain(value: object) -> object:
+    """``value`` as the JSON-like form in which it is stored and compared: tuples become
+    lists (so ``hidden=(8,)`` and ``[8]`` agree), paths strings, NumPy and torch scalars
+    numbers, anything else its ``repr``."""
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"  # a checkpoint never stores NaN; as text it still compares
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (torch.dtype, torch.device)):
+        return str(value)
+    item = getattr(value, "item", None)
+    if callable(item) and getattr(value, "shape", None) in ((), torch.Size()):
+        return _plain(item())
+    return repr(value)
 
 
 def check_checkpoint_args(checkpoint: object, checkpoint_every: object, resume: object) -> None:
@@ -668,14 +726,19 @@ def _all_finite(params: Sequence[Tensor]) -> bool:
     return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
 
 
-def _data_digest(x: Tensor, y: Tensor) -> str:
-    """Fingerprint of the data, so that a checkpoint is never resumed on other data."""
+def _data_identity(x: Tensor, y: Tensor) -> dict[str, object]:
+    """dtype, shapes and fingerprint of the data, so that a checkpoint is never resumed
+    on other data, and a change of dtype or size is named as such."""
     h = hashlib.sha256()
     for t in (x, y):
         t = t.detach().cpu().contiguous()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
         h.update(t.numpy().tobytes())
-    return h.hexdigest()
+    return {
+        "dtype": str(x.dtype),
+        "shapes": [list(x.shape), list(y.shape)],
+        "digest": h.hexdigest(),
+    }
 
 
 def _resume_config(config: FitConfig) -> dict:
@@ -686,7 +749,8 @@ def _write_checkpoint(
     path: str | os.PathLike[str],
     next_epoch: int,
     config: FitConfig,
-    digest: str,
+    identity: object,
+    data: dict[str, object],
     loss_fn: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
@@ -707,7 +771,8 @@ def _write_checkpoint(
         CHECKPOINT_VERSION,
         {
             "config": _resume_config(config),
-            "data": digest,
+            "identity": identity,
+            "data": data,
             "epoch": next_epoch,
             "state": dict(loss_fn.state_dict()),
             "optimizer": optimizer.state_dict(),
@@ -721,26 +786,132 @@ def _write_checkpoint(
     )
 
 
-def _read_checkpoint(path: str | os.PathLike[str], config: FitConfig, digest: str) -> dict:
-    saved = read_archive(path, _CHECKPOINT_KIND, CHECKPOINT_VERSION)
-    now = _resume_config(config)
-    differ = sorted(
-        k for k in saved["config"].keys() | now.keys() if saved["config"].get(k) != now.get(k)
-    )
-    if differ:
+def _read_checkpoint(
+    path: str | os.PathLike[str],
+    config: FitConfig,
+    identity: object,
+    data: dict[str, object],
+    loss_fn: nn.Module,
+) -> dict:
+    """Read a checkpoint after checking, before its tensors are read, that it was written
+    by this fit: same settings, same structure, same data; then that its constants
+    (buffers) agree. Raises ``ValueError`` naming every difference."""
+    where = repr(os.fspath(path))
+    live = loss_fn.state_dict()
+
+    def check(saved: dict) -> None:
+        if not isinstance(saved, dict) or not all(
+            isinstance(saved.get(k), dict) for k in ("config", "data", "state", "best_state")
+        ):
+            raise ModelFileError(f"{where} is not a checkpoint this bayes_mdn can resume")
+        problems = _setting_differences(saved, config, identity)
+        if not problems:
+            problems = _structure_differences(saved["state"], live)
+        data_problem = None
+        old = saved["data"]
+        if old.get("dtype") != data["dtype"]:
+            if not problems:
+                problems.append(f"data dtype: checkpoint {old.get('dtype')}, now {data['dtype']}")
+        elif old.get("shapes") != data["shapes"]:
+            data_problem = (
+                f"x and y of shapes {_shapes(old.get('shapes'))}, now {_shapes(data['shapes'])}"
+            )
+        elif old.get("digest") != data["digest"]:
+            data_problem = "x or y differ"
+        if problems:
+            also = f" and for other data ({data_problem})" if data_problem else ""
+            raise ValueError(
+                f"cannot resume from {where}: it was written with other settings "
+                f"({'; '.join(problems)}){also}; resume with the same settings or start a "
+                "new checkpoint"
+            )
+        if data_problem:
+            raise ValueError(
+                f"cannot resume from {where}: it was written for other data ({data_problem}); "
+                "resume with the same data or start a new checkpoint"
+            )
+        if _structure_differences(saved["best_state"], live):
+            raise ModelFileError(f"{where} is corrupted: its best state does not fit the model")
+
+    saved = read_archive(path, _CHECKPOINT_KIND, CHECKPOINT_VERSION, check=check)
+    constants = [
+        name
+        for name, _ in loss_fn.named_buffers()
+        if name in live and not torch.equal(saved["state"][name], live[name].detach().cpu())
+    ]
+    if constants:
         detail = "; ".join(
-            f"{k}: checkpoint {saved['config'].get(k)!r}, now {now.get(k)!r}" for k in differ
+            f"{name}: checkpoint {_brief(saved['state'][name])}, now {_brief(live[name])}"
+            for name in constants
         )
         raise ValueError(
-            f"cannot resume from {os.fspath(path)!r}: it was written with other settings "
-            f"({detail}); resume with the same settings or start a new checkpoint"
-        )
-    if saved["data"] != digest:
-        raise ValueError(
-            f"cannot resume from {os.fspath(path)!r}: it was written for other data "
-            "(x or y differ); resume with the same data or start a new checkpoint"
+            f"cannot resume from {where}: its model has other constants ({detail}), as from "
+            "another prior scale or standardization; resume with the same model or start a "
+            "new checkpoint"
         )
     return saved
+
+
+def _setting_differences(saved: dict, config: FitConfig, identity: object) -> list[str]:
+    """'name: checkpoint old, now new' for each loop setting or identity entry that differs
+    (the identity only when this fit passes one)."""
+    old = dict(saved["config"])
+    now = _resume_config(config)
+    if identity is not None:
+        saved_identity = saved.get("identity")
+        old = (saved_identity if isinstance(saved_identity, dict) else {}) | old
+        now = dict(identity) | now  # type: ignore[call-overload]
+    return [
+        f"{k}: checkpoint {old.get(k)!r}, now {now.get(k)!r}"
+        for k in sorted(old.keys() | now.keys())
+        if old.get(k) != now.get(k)
+    ]
+
+
+def _structure_differences(saved: dict, live: Mapping[str, Tensor]) -> list[str]:
+    """What differs between the parameters and buffers a checkpoint stores and those of
+    the loss module now: names, dtypes (once per pair of dtypes), shapes."""
+    problems = []
+    old_only = sorted(saved.keys() - live.keys())
+    new_only = sorted(live.keys() - saved.keys())
+    if old_only:
+        problems.append(f"parameters only in the checkpoint: {_few(old_only)}")
+    if new_only:
+        problems.append(f"parameters only in the model now: {_few(new_only)}")
+    dtypes: dict[tuple[torch.dtype, torch.dtype], str] = {}
+    shapes: list[str] = []
+    for name in sorted(saved.keys() & live.keys()):
+        old, new = saved[name], live[name]
+        if not isinstance(old, (TensorSpec, Tensor)):
+            problems.append(f"{name}: the checkpoint holds no tensor")
+            continue
+        if old.dtype != new.dtype:
+            dtypes.setdefault((old.dtype, new.dtype), name)
+        elif tuple(old.shape) != tuple(new.shape):
+            shapes.append(
+                f"shape of {name}: checkpoint {tuple(old.shape)}, now {tuple(new.shape)}"
+            )
+    problems += [f"dtype: checkpoint {a}, now {b}" for a, b in dtypes]
+    problems += shapes[:5] + (
+        [f"{len(shapes) - 5} more tensors of other shapes"] if len(shapes) > 5 else []
+    )
+    return problems
+
+
+def _few(names: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _shapes(shapes: object) -> str:
+    if isinstance(shapes, list) and all(isinstance(s, list) for s in shapes):
+        return " and ".join(str(tuple(s)) for s in shapes)
+    return repr(shapes)
+
+
+def _brief(t: Tensor) -> str:
+    t = t.detach().cpu()
+    return f"{t.item():g}" if t.numel() == 1 else f"a tensor of shape {tuple(t.shape)}"
 
 
 def _restore_loop(

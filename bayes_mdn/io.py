@@ -9,15 +9,17 @@ file from a stranger can at worst be rejected, never run code.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
 import torch
 
-from ._archive import ModelFileError, read_archive, write_archive
+from ._archive import ModelFileError, TensorSpec, read_archive, write_archive
 from ._utils import pyro_scope, resolve_device, seeded
 from .estimator import DTYPES, BayesianMDN
 from .fit import FitHistory
+from .model import MixtureDensityModel
 
 __all__ = ["FORMAT_VERSION", "ModelFileError", "load", "save"]
 
@@ -98,27 +100,68 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "auto") -> B
     ------
     FileNotFoundError
         When ``path`` does not exist.
+    IsADirectoryError
+        When ``path`` is a folder.
     ModelFileError
         (a ``ValueError``) for a file that is not a bayes_mdn model, has another format
         version, is truncated or corrupted, or does not match the network it describes.
-        Nothing in the file is executed, whatever it holds.
+        Nothing in the file is executed, whatever it holds, and memory stays bounded by
+        the file's size: the network the header describes is compared with the tensors
+        the file stores (names, shapes, dtypes) before any of it is built.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> bad = pathlib.Path(tempfile.mkdtemp()) / "bad.safetensors"
+    >>> _ = bad.write_bytes(b"\\x10" + bytes(7) + b'{"__metadata__": "x"}')
+    >>> try:
+    ...     load(bad, device="cpu")
+    ... except ModelFileError as err:
+    ...     print("refused")
+    refused
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     target = resolve_device(device)
-    header = read_archive(path, _KIND, FORMAT_VERSION)
+    where = repr(os.fspath(path))
     try:
+        header = read_archive(path, _KIND, FORMAT_VERSION, check=_check_declared)
         return _rebuild(header, target, str(device))
-    except ModelFileError:
-        raise
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+    except ModelFileError as err:
+        if str(err).startswith(where):
+            raise
         raise ModelFileError(
-            f"{os.fspath(path)!r} does not describe a model this bayes_mdn can rebuild "
-            f"(written by version {header.get('library_version', 'unknown')!r}): {err}"
+            f"{where} does not describe a model this bayes_mdn can rebuild: {err}"
+        ) from err
+    except _REBUILD_ERRORS as err:
+        raise ModelFileError(
+            f"{where} does not describe a model this bayes_mdn can rebuild: {_short(err)}"
         ) from err
 
 
-def _rebuild(header: dict[str, Any], device: torch.device, device_name: str) -> BayesianMDN:
+# What a well-formed but inconsistent header makes the rebuild raise (a wrong type where a
+# number belongs, a key missing, sizes torch cannot represent).
+_REBUILD_ERRORS = (
+    KeyError,
+    TypeError,
+    ValueError,
+    RuntimeError,
+    AttributeError,
+    OverflowError,
+    RecursionError,
+)
+
+
+def _short(err: BaseException, limit: int = 500) -> str:
+    text = str(err)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _estimator(header: dict[str, Any], device_name: str) -> tuple[BayesianMDN, int, int]:
+    """The estimator the header's settings describe, checked, and (n_features, n_outputs)."""
+    for section in ("params", "fitted", "model", "guide"):
+        if not isinstance(header.get(section), dict):
+            raise ModelFileError(f"the header's {section!r} section is missing or not a mapping")
     params = dict(header["params"])
     valid = set(BayesianMDN._param_names())
     unknown = sorted(set(params) - valid)
@@ -131,11 +174,83 @@ def _rebuild(header: dict[str, Any], device: torch.device, device_name: str) -> 
     est.device = device_name
     est._check_options()
     fitted = header["fitted"]
-    d_x, d_y = int(fitted["n_features_in_"]), int(fitted["n_outputs_"])
+    d_x, d_y = fitted["n_features_in_"], fitted["n_outputs_"]
+    for name, value in (("n_features_in_", d_x), ("n_outputs_", d_y)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ModelFileError(f"the header's {name} must be an integer >= 1, got {value!r}")
+    return est, d_x, d_y
+
+
+def _check_declared(header: dict[str, Any]) -> None:
+    """Refuse a header whose network differs from the tensors the file stores.
+
+    Called with :class:`TensorSpec` in place of each tensor, before any tensor is read.
+    The model and guide the header describes are built on the ``meta`` device, which
+    allocates no memory whatever the sizes; their state must then have exactly the
+    stored tensors' names, shapes and dtypes. So a header announcing a network of
+    10**9 hidden units over a few stored weights is refused for the cost of its
+    description, and everything the rebuild later allocates is as large as what the
+    file really holds.
+    """
+    est, d_x, d_y = _estimator(header, "cpu")
+    stored = {
+        section: {k: v for k, v in header[section].items()} for section in ("model", "guide")
+    }
+    for section, entries in stored.items():
+        odd = [k for k, v in entries.items() if not isinstance(v, TensorSpec)]
+        if odd:
+            raise ModelFileError(
+                f"the {section} state holds values that are not tensors: {odd[:5]}"
+            )
+    # One weight matrix and one bias a layer, each a stored tensor: more layers than
+    # stored tensors cannot match, and would only cost time to describe.
+    if len(est.hidden) >= len(stored["model"]):
+        raise ModelFileError(
+            f"the header describes {len(est.hidden)} hidden layers, but the file stores "
+            f"only {len(stored['model'])} model tensors"
+        )
+    model, guide = _build(est, d_x, d_y, torch.device("meta"))
+    problems = []
+    for section, module in (("model", model), ("guide", guide)):
+        expected = {k: (v.dtype, tuple(v.shape)) for k, v in module.state_dict().items()}
+        found = {k: (v.dtype, v.shape) for k, v in stored[section].items()}
+        missing = sorted(expected.keys() - found.keys())
+        extra = sorted(found.keys() - expected.keys())
+        if missing:
+            problems.append(f"{section} tensors missing from the file: {missing[:5]}")
+        if extra:
+            problems.append(f"{section} tensors the described network lacks: {extra[:5]}")
+        wrong = [k for k in expected.keys() & found.keys() if expected[k] != found[k]]
+        for k in sorted(wrong)[:5]:
+            (e_dtype, e_shape), (f_dtype, f_shape) = expected[k], found[k]
+            problems.append(
+                f"{section} tensor {k!r}: the header's settings need {e_dtype} {e_shape}, "
+                f"the file stores {f_dtype} {f_shape}"
+            )
+    if problems:
+        raise ModelFileError(
+            "the network its header describes does not match the tensors it stores ("
+            + "; ".join(problems)
+            + ")"
+        )
+
+
+def _build(
+    est: BayesianMDN,
+    d_x: int,
+    d_y: int,
+    device: torch.device,
+    model_state: dict[str, torch.Tensor] | None = None,
+) -> tuple[MixtureDensityModel, torch.nn.Module]:
+    """The model and guide ``est`` describes, the model holding ``model_state`` when
+    given, the guide's parameters created (to be overwritten by a saved state)."""
     dtype = DTYPES[est.dtype]
     # Building the network draws an initialization that load_state_dict overwrites; the
-    # fork keeps the caller's random stream untouched by loading.
-    with seeded(0, device):
+    # fork keeps the caller's random stream untouched by loading. On the meta device
+    # nothing is drawn or allocated; its factory functions need the device as default.
+    meta = device.type == "meta"
+    on_meta = torch.device(device) if meta else contextlib.nullcontext()
+    with seeded(None if meta else 0, device), on_meta:
         # load_state_dict replaces the placeholder standardization below.
         placeholders = (
             torch.zeros(d_x, device=device, dtype=dtype),
@@ -143,8 +258,9 @@ def _rebuild(header: dict[str, Any], device: torch.device, device_name: str) -> 
             torch.zeros(d_y, device=device, dtype=dtype),
             torch.ones(d_y, device=device, dtype=dtype),
         )
-        model, guide = est._build_model(d_x, d_y, placeholders, init_seed=0)
-        model.load_state_dict(header["model"])
+        model, guide = est._build_model(d_x, d_y, placeholders, init_seed=None if meta else 0)
+        if model_state is not None:
+            model.load_state_dict(model_state)
         # Autoguides create their parameters on the first call: run one on a dummy batch
         # so that the saved values have somewhere to go.
         with pyro_scope():
@@ -152,7 +268,14 @@ def _rebuild(header: dict[str, Any], device: torch.device, device_name: str) -> 
                 torch.zeros(2, d_x, device=device, dtype=dtype),
                 torch.zeros(2, d_y, device=device, dtype=dtype),
             )
-        guide.load_state_dict(header["guide"])
+    return model, guide
+
+
+def _rebuild(header: dict[str, Any], device: torch.device, device_name: str) -> BayesianMDN:
+    est, d_x, d_y = _estimator(header, device_name)
+    fitted = header["fitted"]
+    model, guide = _build(est, d_x, d_y, device, header["model"])
+    guide.load_state_dict(header["guide"])
     est.model_ = model
     est.guide_ = guide
     est.history_ = FitHistory(**fitted["history"])

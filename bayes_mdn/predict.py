@@ -6,11 +6,17 @@ CDF, quantiles, moments and modes are therefore computed exactly from that poole
 mixture; only y draws are random (through ``pyro.infer.Predictive``, or the model's
 sampler called directly). Work is split into chunks of x so that memory stays bounded
 whatever the number of points.
+
+Moments (mean, standard deviation, covariance, the variance decomposition) are computed in
+the model's standardized units of y and mapped to y's units in float64 at the end, so they
+come back as float64 whatever the model's dtype: in float32 the variance of targets near
+1e19 overflows and that of targets near 1e-23 underflows, though the model fits both.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import cast
 
 import torch
 from pyro import poutine
@@ -19,6 +25,7 @@ from torch import Tensor, nn
 
 from . import mixtures
 from ._utils import pyro_scope, seeded
+from ._validation import check_seed
 from .guides import EnsembleGuide, draw_latents, is_deterministic
 from .model import DEFAULT_MAX_ELEMENTS, OBS_SITE, MixtureDensityModel
 from .nets import MixtureParams
@@ -63,6 +70,7 @@ def posterior_weights(
     ``num_draws`` asks for: every draw would be the same.
     """
     draws = _effective_draws(guide, num_draws)
+    seed = check_seed(seed)
     device = model.prior_scale.device
     with pyro_scope(), seeded(seed, device), torch.no_grad():
         return draw_latents(guide, draws)
@@ -74,14 +82,20 @@ def _map_chunks(
     weights: dict[str, Tensor],
     fn: Callable[[MixtureParams, slice], Tensor],
     max_elements: int,
+    standardized: bool = False,
 ) -> Tensor:
+    """``fn`` of the mixture at each chunk of x, concatenated along the points; the
+    mixture in y's units, or in the model's standardized units with ``standardized``."""
     draws = next(iter(weights.values())).shape[0] if weights else 1
     net = model.net
     per_point = draws * net.n_components * net.d_y * (net.d_y if net.covariance == "full" else 1)
     outs = []
     with torch.no_grad():
         for sl in _chunks(len(x), per_point, max_elements):
-            params = model.mixture(x[sl], weights)
+            if standardized:
+                params = net.split(model.raw(x[sl], weights))
+            else:
+                params = model.mixture(x[sl], weights)
             if params.logits.dim() == 2:
                 params = params.map(lambda t: t.unsqueeze(0))
             outs.append(fn(params, sl))
@@ -163,6 +177,7 @@ def sample_predictive(
         raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    seed = check_seed(seed)
     device = model.prior_scale.device
     if isinstance(guide, EnsembleGuide):
         return _sample_ensemble(guide, x, num_samples, seed, max_elements, sampler)
@@ -240,10 +255,43 @@ def _pooled(
     max_elements: int,
     cost: int = 1,
 ) -> Tensor:
+    """``fn`` of the pooled predictive mixture, in standardized units of y."""
     weights = posterior_weights(model, guide, num_draws, seed)
     return _map_chunks(
-        model, x, weights, lambda p, _: fn(mixtures.pool_draws(p)), max_elements // cost
+        model,
+        x,
+        weights,
+        lambda p, _: fn(mixtures.pool_draws(p)),
+        max_elements // cost,
+        standardized=True,
     )
+
+
+def _y_units(model: MixtureDensityModel) -> tuple[Tensor, Tensor]:
+    """The location and scale of y (the model's standardization), in float64."""
+    loc, scale = cast(Tensor, model.y_loc), cast(Tensor, model.y_scale)
+    return loc.to(torch.float64), scale.to(torch.float64)
+
+
+def _to_user_units(model: MixtureDensityModel, z: Tensor, power: int, what: str) -> Tensor:
+    """A moment in standardized units of y -> y's units, in float64: ``z`` (last axis
+    y's d) times y_scale ** ``power``, 1 for a standard deviation, 2 for a variance.
+
+    Raises ``OverflowError`` when a finite standardized moment overflows float64.
+    """
+    _, scale = _y_units(model)
+    out = z.to(torch.float64) * scale**power
+    _check_overflow(z, out, what, scale)
+    return out
+
+
+def _check_overflow(z: Tensor, out: Tensor, what: str, scale: Tensor) -> None:
+    if not bool(torch.isfinite(out).all()) and bool(torch.isfinite(z).all()):
+        raise OverflowError(
+            f"the predictive {what} overflows float64 in y's units (y's standard deviation "
+            f"is {scale.max().item():.3g}); ask for a standard deviation (predict_std), or "
+            "rescale y before fitting"
+        )
 
 
 def predictive_mean(
@@ -254,8 +302,12 @@ def predictive_mean(
     seed: int | None = 0,
     max_elements: int = DEFAULT_MAX_ELEMENTS,
 ) -> Tensor:
-    """Mean of the posterior predictive, shape (n, d)."""
-    return _pooled(model, guide, x, num_draws, seed, mixtures.mean, max_elements)
+    """Mean of the posterior predictive, float64 Tensor of shape (n, d)."""
+    z = _pooled(model, guide, x, num_draws, seed, mixtures.mean, max_elements)
+    loc, scale = _y_units(model)
+    out = loc + scale * z.to(torch.float64)
+    _check_overflow(z, out, "mean", scale)
+    return out
 
 
 def predictive_std(
@@ -266,12 +318,15 @@ def predictive_std(
     seed: int | None = 0,
     max_elements: int = DEFAULT_MAX_ELEMENTS,
 ) -> Tensor:
-    """Marginal standard deviations of the posterior predictive, shape (n, d)."""
+    """Marginal standard deviations of the posterior predictive, float64 Tensor (n, d)."""
 
-    def std(p: MixtureParams) -> Tensor:
-        return mixtures.covariance(p).diagonal(dim1=-2, dim2=-1).sqrt()
+    def variance(p: MixtureParams) -> Tensor:
+        return mixtures.covariance(p).diagonal(dim1=-2, dim2=-1)
 
-    return _pooled(model, guide, x, num_draws, seed, std, max_elements)
+    z = _pooled(model, guide, x, num_draws, seed, variance, max_elements)
+    # The square root in float64, as predictive_covariance's entries are scaled: the
+    # two agree to float64 rounding.
+    return _to_user_units(model, z.to(torch.float64).sqrt(), 1, "standard deviation")
 
 
 def predictive_covariance(
@@ -282,7 +337,7 @@ def predictive_covariance(
     seed: int | None = 0,
     max_elements: int = DEFAULT_MAX_ELEMENTS,
 ) -> Tensor:
-    """Covariance matrix of the posterior predictive, shape (n, d, d).
+    """Covariance matrix of the posterior predictive, float64 Tensor of shape (n, d, d).
 
     Exact for the pooled mixture of S*K components (law of total variance over
     components and draws), so it holds both the noise the model sees in the data and
@@ -301,9 +356,13 @@ def predictive_covariance(
     >>> predictive_covariance(model, guide, torch.zeros(5, 1)).shape
     torch.Size([5, 2, 2])
     """
-    return _pooled(
+    z = _pooled(
         model, guide, x, num_draws, seed, mixtures.covariance, max_elements, cost=model.net.d_y
     )
+    _, scale = _y_units(model)
+    out = z.to(torch.float64) * (scale[:, None] * scale[None, :])
+    _check_overflow(z, out, "covariance", scale)
+    return out
 
 
 def predictive_cdf(
@@ -351,7 +410,12 @@ def predictive_quantiles(
 
     q : Tensor of shape (m,), each strictly between 0 and 1.
     """
-    q = torch.as_tensor(q, dtype=x.dtype, device=x.device).reshape(-1)
+    q = torch.as_tensor(q, dtype=x.dtype, device=x.device)
+    if q.dim() > 1:
+        raise ValueError(
+            f"quantile levels q must be a number or of shape (m,), got shape {tuple(q.shape)}"
+        )
+    q = q.reshape(-1)
     if q.numel() == 0 or not bool(((q > 0) & (q < 1)).all()):
         raise ValueError(f"quantile levels must lie strictly between 0 and 1, got {q.tolist()}")
 
@@ -424,7 +488,7 @@ def uncertainty_decomposition(
 
     Returns
     -------
-    dict with "total", "aleatoric" and "epistemic", each a Tensor of shape (n, d).
+    dict with "total", "aleatoric" and "epistemic", each a float64 Tensor of shape (n, d).
     """
     weights = posterior_weights(model, guide, num_draws, seed)
 
@@ -435,5 +499,6 @@ def uncertainty_decomposition(
         epistemic = means.var(0, unbiased=False)
         return torch.stack([aleatoric + epistemic, aleatoric, epistemic], dim=-1)
 
-    out = _map_chunks(model, x, weights, split, max_elements)
-    return {"total": out[..., 0], "aleatoric": out[..., 1], "epistemic": out[..., 2]}
+    z = _map_chunks(model, x, weights, split, max_elements, standardized=True)
+    out = _to_user_units(model, z.movedim(-1, 0), 2, "variance")
+    return {"total": out[0], "aleatoric": out[1], "epistemic": out[2]}

@@ -3,25 +3,33 @@
 CSV files are read with the standard library (pandas is not a dependency): a header row of
 column names, then one row per point. Every cell of a selected column must be a finite
 number; the first offending cell is named, with its line, in a ``ValueError`` raised before
-any fitting starts. Outputs are written atomically.
+any fitting starts. Cells of any length are read (the csv module's default limit of 131,072
+characters is lifted while reading, then restored), so a long text cell in a column that is
+not used does not stop the read. Outputs are written atomically, and only once every input
+has been checked and every number computed: a bad input writes nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import json
 import math
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ._files import atomic_path, write_json
+from ._validation import check_dtype_range
 from .estimator import BayesianMDN
 
 __all__ = [
     "DEFAULT_LEVELS",
+    "check_columns_fit",
     "evaluate_model",
     "fit_csv",
     "predict_table",
@@ -53,8 +61,9 @@ def read_columns(
     FileNotFoundError
         When ``path`` does not exist.
     ValueError
-        When a column is missing, a row is ragged, a cell is not a finite number, or the
-        file has no data rows; the message names the file, line and column.
+        When a column is missing, a row is ragged, a cell is not a finite number, the
+        file is not readable as CSV text, or it has no data rows; the message names the
+        file, line and column.
 
     Examples
     --------
@@ -67,30 +76,67 @@ def read_columns(
     columns = list(columns)
     if not columns or not all(isinstance(c, str) and c for c in columns):
         raise ValueError(f"{role} must name at least one column, got {columns!r}")
-    with open(path, newline="") as f:
+    with open(path, newline="") as f, _any_field_size():
         reader = csv.reader(f)
-        header = [name.strip() for name in next(reader, [])]
-        if not header:
-            raise ValueError(f"{path}: empty file, expected a header row of column names")
-        missing = [c for c in columns if c not in header]
-        if missing:
-            raise ValueError(
-                f"{path}: column(s) {missing} given by {role} not found; the columns are {header}"
-            )
-        index = [header.index(c) for c in columns]
-        values: list[list[float]] = []
-        for row in reader:
-            if not row or all(not cell.strip() for cell in row):
-                continue  # blank lines, e.g. a trailing newline
-            if len(row) != len(header):
+        try:
+            header = [name.strip() for name in next(reader, [])]
+            if not header:
+                raise ValueError(f"{path}: empty file, expected a header row of column names")
+            missing = [c for c in columns if c not in header]
+            if missing:
                 raise ValueError(
-                    f"{path}, line {reader.line_num}: {len(row)} fields, "
-                    f"but the header has {len(header)}"
+                    f"{path}: column(s) {missing} given by {role} not found; the columns are "
+                    f"{_names(header)}"
                 )
-            values.append([_number(row[i], path, reader.line_num, header[i]) for i in index])
+            index = [header.index(c) for c in columns]
+            values: list[list[float]] = []
+            for row in reader:
+                if not row or all(not cell.strip() for cell in row):
+                    continue  # blank lines, e.g. a trailing newline
+                if len(row) != len(header):
+                    raise ValueError(
+                        f"{path}, line {reader.line_num}: {len(row)} fields, "
+                        f"but the header has {len(header)}"
+                    )
+                values.append([_number(row[i], path, reader.line_num, header[i]) for i in index])
+        except csv.Error as err:
+            raise ValueError(
+                f"{path}, line {reader.line_num}: not readable as CSV: {err}"
+            ) from None
+        except UnicodeDecodeError as err:
+            raise ValueError(
+                f"{path}: not a text file in the expected encoding ({err.encoding}): byte "
+                f"{err.start} cannot be decoded"
+            ) from None
     if not values:
         raise ValueError(f"{path}: no data rows after the header")
     return np.asarray(values, dtype=np.float64)
+
+
+# Python's csv module refuses fields over 131,072 characters by default; a C long bounds it.
+_FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)
+
+
+@contextlib.contextmanager
+def _any_field_size() -> Iterator[None]:
+    """Lift the csv module's (process-wide) field size limit for one read, then restore it."""
+    before = csv.field_size_limit(_FIELD_LIMIT)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(before)
+
+
+def _show(text: str, limit: int = 40) -> str:
+    """``repr(text)``, cut to about ``limit`` characters, so a message stays one short line."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text):,} characters)"
+
+
+def _names(header: Sequence[str], limit: int = 20) -> str:
+    shown = ", ".join(_show(name) for name in header[:limit])
+    return f"[{shown}{f', ... ({len(header)} in all)' if len(header) > limit else ''}]"
 
 
 def _number(cell: str, path: Any, line: int, column: str) -> float:
@@ -99,9 +145,53 @@ def _number(cell: str, path: Any, line: int, column: str) -> float:
     except ValueError:
         value = math.nan
     if not math.isfinite(value):
-        shown = "an empty cell" if not cell.strip() else repr(cell)
-        raise ValueError(f"{path}, line {line}, column {column!r}: {shown} is not a finite number")
+        shown = "an empty cell" if not cell.strip() else _show(cell)
+        raise ValueError(
+            f"{path}, line {line}, column {_show(column)}: {shown} is not a finite number"
+        )
     return value
+
+
+def check_columns_fit(
+    path: str | os.PathLike[str],
+    values: np.ndarray,
+    columns: Sequence[str],
+    role: str,
+    dtype: Any,
+) -> None:
+    """Refuse cells beyond the largest finite number of the model's ``dtype``.
+
+    A value such as 1e39 is finite in the CSV and in float64, but infinite in a float32
+    model. The message names the file, the data row (1-based, blank lines not counted),
+    the column and the dtype.
+
+    Parameters
+    ----------
+    path : the CSV file, for the message
+    values : array of shape (n_rows, len(columns)), as :func:`read_columns` returns
+    columns : the column names, in the order of ``values``' columns
+    role : how the columns were asked for (say ``"--y"``)
+    dtype : the model's dtype (torch dtype or its name)
+
+    Examples
+    --------
+    >>> check_columns_fit("d.csv", np.array([[1.0], [1e39]]), ["y"], "--y", "float32")
+    ... # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: d.csv, data row 2, column 'y' given by --y: 1e+39 is beyond the largest float32 ...
+    """
+    try:
+        check_dtype_range(values, role, dtype)
+    except ValueError:
+        limit = float(np.finfo(str(dtype).removeprefix("torch.")).max)
+        row, col = np.argwhere(np.abs(values) > limit)[0]
+        raise ValueError(
+            f"{path}, data row {row + 1}, column {_show(columns[col])} given by {role}: "
+            f"{values[row, col]:.4g} is beyond the largest {str(dtype).removeprefix('torch.')} "
+            f"({limit:.4g}), the precision the model computes in; rescale that column, or "
+            "fit with --dtype float64"
+        ) from None
 
 
 def write_csv(
@@ -113,6 +203,14 @@ def write_csv(
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(header)
         writer.writerows([repr(float(v)) for v in row] for row in data)
+
+
+def _json_finite(value: Any) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+    except ValueError:
+        return False
+    return True
 
 
 def _target(y: np.ndarray) -> np.ndarray:
@@ -135,6 +233,8 @@ def fit_csv(
     mdn._check_options()
     X = read_columns(csv_path, x_columns, "--x")
     y = read_columns(csv_path, y_columns, "--y")
+    check_columns_fit(csv_path, X, x_columns, "--x", mdn.dtype)
+    check_columns_fit(csv_path, y, y_columns, "--y", mdn.dtype)
     mdn.fit(X, _target(y))
     mdn.save(model_path)
     return mdn
@@ -223,6 +323,12 @@ def evaluate_model(
     Returns
     -------
     dict, the content of ``metrics.json``.
+
+    Raises
+    ------
+    ValueError
+        For bad inputs, and for metrics JSON cannot hold (an infinite NLL), before
+        anything is written.
     """
     import matplotlib
 
@@ -243,9 +349,25 @@ def evaluate_model(
         coverage[f"{level:g}"] = inside.mean(0).tolist()
     mix = model.predictive_mixture(X, seed=seed)
     pit = mixtures.marginal_cdf(mix, torch.as_tensor(y2).to(mix.loc)).cpu().numpy()
+    metrics = {
+        "n": len(y2),
+        "nll": float(nll.mean()),
+        "rmse": np.sqrt(((mean - y2) ** 2).mean(0)).tolist(),
+        "coverage": coverage,
+        "pit_mean": pit.mean(0).tolist(),
+    }
+    # Every number is known before anything is written: metrics that JSON cannot hold
+    # (an infinite NLL: a target where the model's density underflows) write nothing.
+    bad = sorted(k for k, v in metrics.items() if not _json_finite(v))
+    if bad:
+        raise ValueError(
+            f"the metrics {bad} are not finite ({', '.join(f'{k}={metrics[k]}' for k in bad)}):"
+            " some targets lie where the model's density underflows; nothing was written"
+        )
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"out_dir {os.fspath(out_dir)!r} is a file, not a folder")
     figures = []
     fig, ax = plt.subplots(figsize=(6, 4))
     bins = [i / 10 for i in range(11)]
@@ -257,22 +379,20 @@ def evaluate_model(
     ax.set_ylabel("density")
     ax.legend()
     figures.append(("pit_histogram.png", fig))
-    if y2.shape[1] == 1 and model.n_features_in_ == 1:
-        fig, ax = plt.subplots(figsize=(6, 4.5))
-        plotting.plot_predictive_samples(model, X, y2[:, 0], ax, seed=0 if seed is None else seed)
-        figures.append(("predictive_samples.png", fig))
-    for name, fig in figures:
-        with atomic_path(out / name) as tmp:
-            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        plt.close(fig)
-
-    metrics = {
-        "n": len(y2),
-        "nll": float(nll.mean()),
-        "rmse": np.sqrt(((mean - y2) ** 2).mean(0)).tolist(),
-        "coverage": coverage,
-        "pit_mean": pit.mean(0).tolist(),
-        "figures": [name for name, _ in figures],
-    }
+    try:
+        if y2.shape[1] == 1 and model.n_features_in_ == 1:
+            fig, ax = plt.subplots(figsize=(6, 4.5))
+            figures.append(("predictive_samples.png", fig))
+            plotting.plot_predictive_samples(
+                model, X, y2[:, 0], ax, seed=0 if seed is None else seed
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        for name, fig in figures:
+            with atomic_path(out / name) as tmp:
+                fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    finally:
+        for _, fig in figures:
+            plt.close(fig)
+    metrics["figures"] = [name for name, _ in figures]
     write_json(out / "metrics.json", metrics)
     return metrics

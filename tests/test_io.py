@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -377,6 +378,123 @@ def test_resume_refuses_other_settings_and_data(tmp_path):
         _tiny(checkpoint=ck, epochs=2, resume=True).fit(X, y + 1)
     # progress changes no number, so it may differ
     _tiny(checkpoint=ck, epochs=2, resume=True, progress=False).fit(X, y)
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "shown"),
+    [
+        ("activation", "relu", "'tanh', now 'relu'"),
+        ("min_scale", 0.05, "0.02, now 0.05"),
+        ("prior_scale", 1.0, "32.0, now 1.0"),
+        ("init_scale", 0.01, "0.001, now 0.01"),
+        ("n_components", 4, "3, now 4"),
+        ("hidden", (16,), "[8], now [16]"),
+        ("bayesian", "all", "'last', now 'all'"),
+        ("guide", "lowrank", "'normal', now 'lowrank'"),
+        ("dtype", "float64", "'float32', now 'float64'"),
+        ("covariance", "full", "'diagonal', now 'full'"),
+    ],
+)
+def test_resume_refuses_changed_model_settings(tmp_path, monkeypatch, setting, value, shown):
+    # Each of these once resumed silently into a fit matching neither setting, or failed
+    # in load_state_dict with a raw RuntimeError, or (dtype) blamed the data.
+    X, y = _data()
+    ck = tmp_path / "ck"
+    _crash_at_validation(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        _tiny(checkpoint=ck, checkpoint_every=1, epochs=4, val_fraction=0.25).fit(X, y)
+    monkeypatch.undo()
+    changed = _tiny(checkpoint=ck, epochs=4, val_fraction=0.25, resume=True, **{setting: value})
+    with pytest.raises(
+        ValueError, match=re.escape(f"other settings ({setting}: checkpoint {shown})")
+    ):
+        changed.fit(X, y)
+
+
+def test_resume_names_every_changed_setting_and_accepts_equal_ones(tmp_path):
+    X, y = _data()
+    ck = tmp_path / "ck"
+    _tiny(checkpoint=ck, epochs=2).fit(X, y)
+    with pytest.raises(ValueError) as err:
+        _tiny(checkpoint=ck, epochs=2, resume=True, activation="relu", min_scale=0.1).fit(X, y)
+    assert "activation: checkpoint 'tanh', now 'relu'; min_scale: checkpoint 0.02" in str(
+        err.value
+    )
+    assert "other data" not in str(err.value)
+    # A list for the tuple, and the bookkeeping arguments, change nothing that is fitted.
+    again = _tiny(
+        checkpoint=str(ck), checkpoint_every=5, epochs=2, resume=True, hidden=[8], num_threads=1
+    )
+    assert again.fit(X, y).history_.steps == 2 * 2
+
+
+def _low_level(tmp_path, ck, **model_options):
+    from tests.helpers import model_and_guide, small_data
+
+    model, guide = model_and_guide("last", "normal", **model_options)
+    x, y = small_data(40)
+    dtype = model.prior_scale.dtype
+    config = fit_module.FitConfig(epochs=2, batch_size=20, progress=False, device="cpu")
+    return fit_module.fit_svi(
+        model, guide, x.to(dtype), y.to(dtype), config, checkpoint=ck, resume=True
+    )
+
+
+def test_low_level_resume_names_structure_dtype_and_constants(tmp_path):
+    ck = tmp_path / "ck"
+    _low_level(tmp_path, ck)
+    with pytest.raises(
+        ValueError, match=r"shape of model.net.head.bias: checkpoint \(9,\), now \(12,\)"
+    ):
+        _low_level(tmp_path, ck, k=4)
+    with pytest.raises(ValueError, match=r"parameters only in the model now: model.net.hidden.1"):
+        _low_level(tmp_path, ck, hidden=(8, 8))
+    with pytest.raises(
+        ValueError, match=r"other constants \(model.prior_scale: checkpoint 1, now 2;"
+    ):
+        _low_level(tmp_path, ck, prior_scale=2.0)
+    torch.set_default_dtype(torch.float64)
+    try:
+        with pytest.raises(
+            ValueError, match=r"\(dtype: checkpoint torch.float32, now torch.float64\)"
+        ):
+            _low_level(tmp_path, ck)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    _low_level(tmp_path, ck)  # the same model still resumes
+
+
+def test_resume_identity_is_stored_and_compared(tmp_path):
+    from tests.helpers import model_and_guide, small_data
+
+    x, y = small_data(40)
+    ck = tmp_path / "ck"
+    config = fit_module.FitConfig(epochs=2, batch_size=20, progress=False, device="cpu")
+
+    def run(identity):
+        model, guide = model_and_guide("last", "normal")
+        return fit_module.fit_svi(
+            model, guide, x, y, config, checkpoint=ck, resume=True, identity=identity
+        )
+
+    run({"activation": "tanh", "width": (8,), "path": Path("a")})
+    saved = read_archive(ck, "checkpoint", fit_module.CHECKPOINT_VERSION)
+    assert saved["identity"] == {"activation": "tanh", "width": [8], "path": "a"}
+    run({"activation": "tanh", "width": [8], "path": "a"})
+    with pytest.raises(ValueError, match=r"\(activation: checkpoint 'tanh', now 'elu'\)"):
+        run({"activation": "elu", "width": [8], "path": "a"})
+    with pytest.raises(ValueError, match=r"added: checkpoint None, now 1"):
+        run({"activation": "tanh", "width": [8], "path": "a", "added": 1})
+
+
+def test_resume_names_other_data_shapes(tmp_path):
+    X, y = _data()
+    ck = tmp_path / "ck"
+    _tiny(checkpoint=ck, epochs=2).fit(X, y)
+    with pytest.raises(
+        ValueError, match=r"other data \(x and y of shapes \(64, 1\) and \(64, 1\), now \(60, 1\)"
+    ):
+        _tiny(checkpoint=ck, epochs=2, resume=True).fit(X[:60], y[:60])
 
 
 @pytest.mark.parametrize(

@@ -79,6 +79,78 @@ def test_constant_target_is_refused(d_y):
         _tiny().fit(X, Y)
 
 
+# -- the limits of the model's dtype -------------------------------------------------------
+@pytest.fixture(scope="module")
+def unit_fit() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Standard deviation and total variance at X[:4] of the float32 fit on unit-scale y."""
+    X, y = _data()
+    est = _tiny().fit(X, y)
+    return X, est.predict_std(X[:4]), est.uncertainty(X[:4])["total"]
+
+
+@pytest.mark.parametrize("c", [1e18, 1e19, 1e37, 1e-22, 1e-30])
+def test_moments_of_extreme_scale_targets_in_float32(unit_fit, c):
+    # The model sees y standardized, so the fit on c*y follows the fit on y, and its
+    # moments must be c (or c**2) times those. Before, predict_std was inf at 1e19 and 0
+    # at 1e-30 (12 % off at 1e-22), and uncertainty inf at 1e18, their float32 variances
+    # overflowing or underflowing. Tolerance: the two fits differ only by the float32
+    # rounding of c*y (relative 6e-8); measured agreement 1e-7, bound 1e-4.
+    X, std, total = unit_fit
+    _, y = _data()
+    est = _tiny().fit(X, c * y)
+    scaled_std = est.predict_std(X[:4])
+    scaled_total = est.uncertainty(X[:4])["total"]
+    assert scaled_std.dtype == scaled_total.dtype == np.float64
+    np.testing.assert_allclose(scaled_std, c * std.astype(np.float64), rtol=1e-4)
+    np.testing.assert_allclose(scaled_total, c**2 * total.astype(np.float64), rtol=1e-4)
+    np.testing.assert_allclose(scaled_total, scaled_std**2, rtol=1e-6)
+
+
+# fit's check for constant targets takes the plain float64 std of y, whose squares overflow
+# at 1e200 (it is inf, so not 0: the check still holds).
+@pytest.mark.filterwarnings("ignore:overflow encountered in square:RuntimeWarning")
+def test_variance_beyond_float64_is_named():
+    X, y = _data(48)
+    est = _tiny(dtype="float64").fit(X, 1e200 * y)
+    assert _finite(est.predict(X[:3]), est.predict_std(X[:3]))
+    with pytest.raises(OverflowError, match="predictive variance overflows float64"):
+        est.uncertainty(X[:3])
+    with pytest.raises(OverflowError, match="predictive covariance overflows float64"):
+        est.predict_covariance(X[:3])
+
+
+def test_values_beyond_the_model_dtype_are_refused(fitted):
+    X, y = _data(16)
+    big = np.where(np.arange(16)[:, None] == 5, 1e39, X)
+    with pytest.raises(
+        ValueError, match=r"y column 0 holds -?\d.*\(row 0\), beyond the largest float32"
+    ):
+        _tiny().fit(X, 1e39 * y)
+    with pytest.raises(
+        ValueError, match=r"X column 0 holds 1e\+39 \(row 5\), beyond the largest float32"
+    ):
+        _tiny().fit(big, y)
+    for call in (fitted.predict, fitted.predict_std, fitted.sample, fitted.predict_modes):
+        with pytest.raises(ValueError, match=r"X column 0 holds 1e\+39 \(row 5\).*float32"):
+            call(big)
+    with pytest.raises(ValueError, match=r"y column 0 holds -1e\+39 \(row 1\).*float32"):
+        fitted.log_prob(X[:2], [0.0, -1e39])
+    # float64 holds them: nothing to refuse there.
+    assert _finite(_tiny(dtype="float64", epochs=1).fit(X, 1e39 * y).predict(big))
+
+
+def test_columns_finer_than_the_dtype_are_refused():
+    X, y = _data(32)
+    with pytest.raises(
+        ValueError,
+        match=r"y column 0 varies by [\d.e-]+ \(standard deviation\) around 1, finer than float32 resolves",
+    ):
+        _tiny().fit(X, 1.0 + 1e-9 * y)
+    with pytest.raises(ValueError, match=r"X column 0 varies by .*finer than float32"):
+        _tiny().fit(X * 1e-46, y)
+    assert _finite(_tiny(dtype="float64", epochs=1).fit(X, 1.0 + 1e-9 * y).predict(X))
+
+
 @pytest.mark.parametrize("k", [1, 2, 50])
 def test_number_of_components(k):
     X, y = _data()
@@ -225,6 +297,7 @@ BAD_OPTIONS = [
     (dict(dtype="float16"), ValueError, "dtype"),
     (dict(device="tpu"), ValueError, "device"),
     (dict(seed="a"), TypeError, "seed"),
+    (dict(seed=2**70), ValueError, r"seed must be an integer in \[0, 2\*\*63\)"),
     (dict(checkpoint_every=0, checkpoint="ck"), ValueError, "checkpoint_every"),
 ]
 
@@ -278,6 +351,19 @@ def fitted() -> BayesianMDN:
         (lambda m: m.sample(np.zeros((2, 1)), 0), ValueError, "num_samples"),
         (lambda m: m.predict_modes(np.zeros((2, 1)), num_draws=0), ValueError, "num_draws"),
         (lambda m: m.score(np.zeros((2, 1)), None), TypeError, "y must be array-like"),
+        (
+            lambda m: m.predict(np.zeros((2, 1)), seed="x"),
+            TypeError,
+            r"seed must be an integer in \[0, 2\*\*63\) or None, or 'default'.*got 'x'",
+        ),
+        (lambda m: m.sample(np.zeros((2, 1)), seed=2**70), ValueError, "seed must be an integer"),
+        (lambda m: m.predict_std(np.zeros((2, 1)), seed=1.5), TypeError, "got 1.5"),
+        (
+            lambda m: m.predict_quantiles(np.zeros((2, 1)), [[0.1, 0.5], [0.6, 0.9]]),
+            ValueError,
+            r"q must be a number or a 1-D sequence of levels, got an array of shape \(2, 2\)",
+        ),
+        (lambda m: m.predict_quantiles(np.zeros((2, 1)), "median"), TypeError, "q must be"),
     ],
 )
 def test_bad_prediction_input(fitted, call, error, match):
@@ -296,7 +382,12 @@ def test_unfitted_estimator_refuses_to_predict():
         (["demo", "--epochs", "0"], "expected an integer >= 1"),
         (["demo", "--n-train", "many"], "expected an integer"),
         (["demo", "--device", "tpu"], "device must be"),
-        (["demo", "--seed", "1.5"], "invalid int value"),
+        (["demo", "--seed", "1.5"], "argument --seed: expected an integer seed, got '1.5'"),
+        (["demo", "--seed", str(2**70)], "argument --seed: expected a seed in [0, 2**63)"),
+        (
+            ["fit", "--csv", "a", "--x", "x", "--y", "y", "--model", "m", "--seed", "-1"],
+            "[0, 2**63)",
+        ),
         (["fly"], "invalid choice"),
         ([], "required"),
     ],

@@ -193,3 +193,136 @@ def test_scripts_train_then_evaluate(faithful_csv: Path, tmp_path: Path) -> None
     )
     assert result.returncode == 2
     assert "evaluate.py: error:" in result.stderr and "['duration'] given by --y" in result.stderr
+
+
+# -- bad input: exit 2, one line, nothing written ------------------------------------------
+def _one_line_error(capsys: pytest.CaptureFixture[str], prog: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"{prog}: error: ") and "\n" not in err, err
+    return err
+
+
+def _csv_with(tmp_path: Path, name: str, cells: dict[tuple[int, str], str]) -> Path:
+    """A small x,y,note table with some cells replaced: {(row, column): text}."""
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, 40)
+    y = np.sin(3 * x) + 0.1 * rng.standard_normal(40)
+    rows = [{"x": repr(float(a)), "y": repr(float(b)), "note": "n"} for a, b in zip(x, y)]
+    for (row, column), text in cells.items():
+        rows[row][column] = text
+    path = tmp_path / name
+    path.write_text("x,y,note\n" + "".join(f"{r['x']},{r['y']},{r['note']}\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def small_model(tmp_path: Path) -> Path:
+    data = _csv_with(tmp_path, "train.csv", {})
+    path = tmp_path / "small.safetensors"
+    assert (
+        main(["fit", "--csv", str(data), "--x", "x", "--y", "y", "--model", str(path), *TINY]) == 0
+    )
+    return path
+
+
+def _verbs(data: Path, model: Path, out: Path) -> dict[str, list[str]]:
+    common = ["--csv", str(data), "--x", "x"]
+    return {
+        "fit": ["fit", *common, "--y", "y", "--model", str(out / "m.safetensors"), *TINY],
+        "predict": ["predict", "--model", str(model), *common, "--out", str(out / "p.csv")],
+        "evaluate": ["evaluate", "--model", str(model), *common, "--y", "y", "--out", str(out)],
+        "diagnose": ["diagnose", "--model", str(model), *common, "--y", "y", "--out", str(out)],
+    }
+
+
+def test_cells_longer_than_the_csv_module_allows(
+    tmp_path: Path, small_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Python's csv module stops at 131,072 characters a field; every verb once exited 1
+    # with a _csv.Error traceback on such a cell, even in a column it does not use.
+    long_note = _csv_with(tmp_path, "note.csv", {(3, "note"): "n" * 200_000})
+    out = tmp_path / "ok"
+    argv = ["predict", "--model", str(small_model), "--csv", str(long_note), "--x", "x"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert _read(out)[1].shape == (40, 6)
+
+    long_x = _csv_with(tmp_path, "x.csv", {(3, "x"): "1" * 200_000})
+    out = tmp_path / "never"
+    for verb, argv in _verbs(long_x, small_model, out).items():
+        assert main(argv) == 2, verb
+        err = _one_line_error(capsys, f"bayes-mdn {verb}")
+        assert "line 5, column 'x': '1111" in err and "(200,000 characters) is not a finite" in err
+        assert len(err) < 300
+        assert not out.exists()
+    result = _script("evaluate.py", *_verbs(long_x, small_model, out)["evaluate"][1:])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "200,000 characters" in result.stderr
+    assert not out.exists()
+
+
+def test_values_beyond_float32_exit_2_and_write_nothing(
+    tmp_path: Path, small_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # y = 1e39 is a finite float64 but infinite in a float32 model: fit and diagnose
+    # exited 1 with a traceback, evaluate exited 2 only after writing its figures.
+    out = tmp_path / "never"
+    huge_y = _csv_with(tmp_path, "huge_y.csv", {(6, "y"): "1e39"})
+    huge_x = _csv_with(tmp_path, "huge_x.csv", {(7, "x"): "-2e39"})
+    for data, where in [
+        (huge_y, "huge_y.csv, data row 7, column 'y' given by --y: 1e+39"),
+        (huge_x, "huge_x.csv, data row 8, column 'x' given by --x: -2e+39"),
+    ]:
+        verbs = _verbs(data, small_model, out)
+        verbs["diagnose (fit)"] = [
+            "diagnose", "--csv", str(data), "--x", "x", "--y", "y", "--out", str(out),
+            "--epochs", "1", "--no-progress", "--device", "cpu",
+        ]  # fmt: skip
+        if data is huge_y:
+            del verbs["predict"]  # reads no y
+        for verb, argv in verbs.items():
+            assert main(argv) == 2, verb
+            err = _one_line_error(capsys, f"bayes-mdn {verb.split()[0]}")
+            assert f"{where} is beyond the largest float32 (3.403e+38)" in err
+            assert not out.exists()
+    # float64 holds them.
+    model64 = tmp_path / "m64.safetensors"
+    argv = ["fit", "--csv", str(huge_y), "--x", "x", "--y", "y", "--model", str(model64), *TINY]
+    assert main([*argv, "--dtype", "float64"]) == 0
+
+
+def test_non_finite_metrics_write_nothing(
+    tmp_path: Path, small_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A target 1e20 standard deviations out: its float32 log density is -inf, which
+    # metrics.json cannot hold. Nothing is written, figures included.
+    far = _csv_with(tmp_path, "far.csv", {(2, "y"): "1e20"})
+    out = tmp_path / "report"
+    assert main(_verbs(far, small_model, out)["evaluate"]) == 2
+    assert "the metrics ['nll'] are not finite (nll=inf)" in _one_line_error(
+        capsys, "bayes-mdn evaluate"
+    )
+    assert not out.exists()
+
+
+def test_outputs_never_overwrite_inputs(
+    tmp_path: Path, small_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _csv_with(tmp_path, "data.csv", {})
+    before = data.read_bytes(), small_model.read_bytes()
+    (tmp_path / "sub").mkdir()
+    alias = tmp_path / "link.csv"
+    alias.symlink_to(data)
+    for out, flag in [
+        (data, "--csv"),
+        (tmp_path / "sub" / ".." / "data.csv", "--csv"),
+        (alias, "--csv"),
+        (small_model, "--model"),
+    ]:
+        argv = ["predict", "--model", str(small_model), "--csv", str(data), "--x", "x"]
+        assert main([*argv, "--out", str(out)]) == 2
+        err = _one_line_error(capsys, "bayes-mdn predict")
+        assert f"is the file given by {flag}: writing there would overwrite an input" in err
+    argv = ["fit", "--csv", str(data), "--x", "x", "--y", "y", "--model", str(data), *TINY]
+    assert main(argv) == 2
+    assert "--model" in _one_line_error(capsys, "bayes-mdn fit")
+    assert (data.read_bytes(), small_model.read_bytes()) == before
