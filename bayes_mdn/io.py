@@ -13,12 +13,14 @@ import contextlib
 import os
 from typing import Any
 
+import numpy as np
 import torch
 
 from ._archive import ModelFileError, TensorSpec, read_archive, write_archive
 from ._utils import pyro_scope, resolve_device, seeded
 from .estimator import DTYPES, BayesianMDN
 from .fit import FitHistory
+from .guides import EnsembleGuide
 from .model import MixtureDensityModel
 
 __all__ = ["FORMAT_VERSION", "ModelFileError", "load", "save"]
@@ -75,6 +77,8 @@ def save(estimator: BayesianMDN, path: str | os.PathLike[str]) -> None:
             "n_outputs_": estimator.n_outputs_,
             "y_1d": bool(estimator._y_1d),
             "history": estimator.history_.to_dict(),
+            "histories": [h.to_dict() for h in estimator.histories_],
+            "feature_names_in_": [str(c) for c in getattr(estimator, "feature_names_in_", [])],
         },
         "model": dict(estimator.model_.state_dict()),
         "guide": dict(estimator.guide_.state_dict()),
@@ -163,6 +167,8 @@ def _estimator(header: dict[str, Any], device_name: str) -> tuple[BayesianMDN, i
         if not isinstance(header.get(section), dict):
             raise ModelFileError(f"the header's {section!r} section is missing or not a mapping")
     params = dict(header["params"])
+    # Files written before ensembles (version 0.1) hold one fit and no n_members.
+    params.setdefault("n_members", 1)
     valid = set(BayesianMDN._param_names())
     unknown = sorted(set(params) - valid)
     if unknown:
@@ -208,6 +214,12 @@ def _check_declared(header: dict[str, Any]) -> None:
         raise ModelFileError(
             f"the header describes {len(est.hidden)} hidden layers, but the file stores "
             f"only {len(stored['model'])} model tensors"
+        )
+    # Each ensemble member stores at least one guide or model tensor of its own.
+    if est.n_members > len(stored["guide"]) + 1:
+        raise ModelFileError(
+            f"the header describes {est.n_members} ensemble members, but the file stores "
+            f"only {len(stored['guide'])} guide tensors"
         )
     model, guide = _build(est, d_x, d_y, torch.device("meta"))
     problems = []
@@ -258,17 +270,26 @@ def _build(
             torch.zeros(d_y, device=device, dtype=dtype),
             torch.ones(d_y, device=device, dtype=dtype),
         )
-        model, guide = est._build_model(d_x, d_y, placeholders, init_seed=None if meta else 0)
+        members = []
+        # method="nuts" keeps one SVI member (see BayesianMDN.fit).
+        for _ in range(1 if est.method == "nuts" else est.n_members):
+            model, guide = est._build_model(
+                d_x, d_y, placeholders, init_seed=None if meta else 0
+            )
+            # Autoguides create their parameters on the first call: run one on a dummy
+            # batch so that the saved values have somewhere to go.
+            with pyro_scope():
+                guide(
+                    torch.zeros(2, d_x, device=device, dtype=dtype),
+                    torch.zeros(2, d_y, device=device, dtype=dtype),
+                )
+            members.append((model, guide))
+        model = members[0][0]
         if model_state is not None:
             model.load_state_dict(model_state)
-        # Autoguides create their parameters on the first call: run one on a dummy batch
-        # so that the saved values have somewhere to go.
-        with pyro_scope():
-            guide(
-                torch.zeros(2, d_x, device=device, dtype=dtype),
-                torch.zeros(2, d_y, device=device, dtype=dtype),
-            )
-    return model, guide
+    if len(members) == 1:
+        return members[0]
+    return model, EnsembleGuide([m for m, _ in members], [g for _, g in members])
 
 
 def _rebuild(header: dict[str, Any], device: torch.device, device_name: str) -> BayesianMDN:
@@ -279,6 +300,12 @@ def _rebuild(header: dict[str, Any], device: torch.device, device_name: str) -> 
     est.model_ = model
     est.guide_ = guide
     est.history_ = FitHistory(**fitted["history"])
+    est.histories_ = [FitHistory(**h) for h in fitted.get("histories", [fitted["history"]])]
+    est.n_members_ = len(guide) if isinstance(guide, EnsembleGuide) else 1
+    est.n_steps_ = sum(h.steps for h in est.histories_)
+    names = fitted.get("feature_names_in_") or []
+    if names:
+        est.feature_names_in_ = np.asarray(names, dtype=object)
     est.n_features_in_ = d_x
     est.n_outputs_ = d_y
     est._y_1d = bool(fitted["y_1d"])

@@ -105,3 +105,30 @@ def test_members_in_worker_processes_give_the_same_fit(data):
     parallel = BayesianMDN(**kw, n_jobs=2).fit(X, y)
     np.testing.assert_array_equal(serial.log_prob(X, y), parallel.log_prob(X, y))
     assert [h.steps for h in serial.histories_] == [h.steps for h in parallel.histories_]
+
+
+def test_ensemble_save_and_load_round_trip(data, tmp_path):
+    from bayes_mdn import load
+
+    X, y = data
+    ens = BayesianMDN(**FAST, n_members=3).fit(X, y)
+    ens.save(tmp_path / "ens.bmdn")
+    back = load(tmp_path / "ens.bmdn", device="cpu")
+    assert isinstance(back.guide_, EnsembleGuide) and back.n_members_ == 3
+    assert [h.steps for h in back.histories_] == [h.steps for h in ens.histories_]
+    np.testing.assert_array_equal(back.log_prob(X, y), ens.log_prob(X, y))
+    np.testing.assert_array_equal(back.sample(X[:4], 5, seed=2), ens.sample(X[:4], 5, seed=2))
+
+
+def test_ensemble_checkpoints_resume_member_by_member(data, tmp_path):
+    X, y = data
+    ck = tmp_path / "ck"
+    kw = {**FAST, "n_members": 2, "checkpoint": ck, "checkpoint_every": 2}
+    first = BayesianMDN(**kw).fit(X, y)
+    assert sorted(p.name for p in tmp_path.glob("ck*")) == ["ck.member0", "ck.member1"]
+    # Every member's loop is finished: resuming restores the same ensemble.
+    again = BayesianMDN(**kw, resume=True).fit(X, y)
+    np.testing.assert_array_equal(again.log_prob(X, y), first.log_prob(X, y))
+    # A changed setting is refused for the ensemble as for one fit.
+    with pytest.raises(ValueError, match="other settings"):
+        BayesianMDN(**{**kw, "lr": 0.02}, resume=True).fit(X, y)

@@ -29,7 +29,11 @@ def _data(n: int = 64, d_x: int = 1, d_y: int = 1, seed: int = 0) -> tuple[np.nd
 
 
 def _tiny(**options) -> BayesianMDN:
-    base = dict(n_components=3, hidden=(8,), epochs=2, batch_size=32, progress=False, device="cpu")
+    # One member: these tests are about one fit's file and loop (ensembles: test_ensemble).
+    base = dict(
+        n_components=3, hidden=(8,), epochs=2, batch_size=32, progress=False, device="cpu",
+        n_members=1,
+    )
     return BayesianMDN(**(base | options))
 
 
@@ -301,6 +305,15 @@ def test_nan_model_is_never_written(tmp_path):
 
 
 # -- checkpoint and resume -------------------------------------------------------------------
+@pytest.fixture
+def validate_every_epoch():
+    """Validation after every epoch (EVAL_STEPS = 1), so that a crash can be placed at any
+    epoch; held outside the test's own monkeypatch, which the resume tests undo."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fit_module, "EVAL_STEPS", 1)
+        yield
+
+
 def _crash_at_validation(monkeypatch, call: int) -> None:
     """Make the ``call``-th validation (the end of epoch ``call - 1``) raise."""
     original = fit_module.validation_nll
@@ -325,7 +338,9 @@ def _crash_at_validation(monkeypatch, call: int) -> None:
         (dict(guide="normal", patience=2, lr=0.5), 3),
     ],
 )
-def test_resumed_fit_equals_uninterrupted_fit(tmp_path, monkeypatch, options, crash_at):
+def test_resumed_fit_equals_uninterrupted_fit(
+    tmp_path, monkeypatch, validate_every_epoch, options, crash_at
+):
     X, Y = _data(d_y=2 if options.get("covariance") == "full" else 1)
     settings_ = dict(epochs=7, batch_size=16, val_fraction=0.25, patience=None) | options
     reference = _tiny(**settings_).fit(X, Y)
@@ -395,7 +410,9 @@ def test_resume_refuses_other_settings_and_data(tmp_path):
         ("covariance", "full", "'diagonal', now 'full'"),
     ],
 )
-def test_resume_refuses_changed_model_settings(tmp_path, monkeypatch, setting, value, shown):
+def test_resume_refuses_changed_model_settings(
+    tmp_path, monkeypatch, validate_every_epoch, setting, value, shown
+):
     # Each of these once resumed silently into a fit matching neither setting, or failed
     # in load_state_dict with a raw RuntimeError, or (dtype) blamed the data.
     X, y = _data()
