@@ -9,7 +9,7 @@ TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 OUT ?= demo_output
 
-.PHONY: setup demo test test-fast lint benchmark clean
+.PHONY: setup demo test test-fast test-arviz1 lint benchmark clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -m "not slow"
 
+# ArviZ 1.x (DataTree) on Python 3.12 in its own venv, .venv312, pinned by
+# requirements/ci-py312.txt; ARGS narrows the tests, e.g. ARGS=tests/test_diagnostics.py
+test-arviz1:
+	bash .ci/arviz1.sh $(ARGS)
+
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
@@ -37,4 +42,4 @@ benchmark: setup
 	$(PY) scripts/benchmark.py
 
 clean:
-	rm -rf $(VENV) $(OUT) .pytest_cache
+	rm -rf $(VENV) .venv312 $(OUT) .pytest_cache
