@@ -14,7 +14,7 @@ LOCK ?= requirements/ci.txt
 PY := $(VENV)/bin/python
 OUT ?= demo_output
 
-.PHONY: setup demo test test-fast test-latest lint benchmark clean
+.PHONY: setup demo test test-fast test-latest test-arviz1 lint benchmark clean
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ test-latest:
 	$(LATEST_VENV)/bin/python -m pip list --format=freeze | grep -iE '^(numpy|scipy|pandas|arviz|xarray|pyro-ppl|scikit-learn|matplotlib)=='
 	$(LATEST_VENV)/bin/python -m pytest
 
+# ArviZ 1.x (DataTree) on Python 3.12 in its own venv, .venv312, pinned by
+# requirements/ci-py312.txt; ARGS narrows the tests, e.g. ARGS=tests/test_diagnostics.py
+test-arviz1:
+	bash .ci/arviz1.sh $(ARGS)
+
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
@@ -51,4 +56,4 @@ benchmark: setup
 	$(PY) scripts/benchmark.py
 
 clean:
-	rm -rf $(VENV) $(LATEST_VENV) $(OUT) .pytest_cache
+	rm -rf $(VENV) $(LATEST_VENV) .venv312 $(OUT) .pytest_cache

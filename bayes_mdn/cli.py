@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Fit a Bayesian MDN on the inverse-sine problem (default) or on a CSV file, "
             "then write report.json (PSIS-LOO, variational k-hat, PIT, coverage, CRPS, NLL), "
-            "inference_data.nc (ArviZ InferenceData) and PNG figures to the output folder. "
+            "inference_data.nc (ArviZ data, netCDF) and PNG figures to the output folder. "
             "A quarter of the rows is held out for the calibration numbers."
         ),
     )

@@ -1,8 +1,12 @@
 """Diagnostics of a fitted model through ArviZ: InferenceData, PSIS-LOO, LOO-PIT, the
 PSIS k-hat of the variational fit, calibration numbers, model comparison, reports.
 
-Every ArviZ call of the library lives in this module (ArviZ 0.x, InferenceData API), so
-that a port to ArviZ 1.x (DataTree, nested ``from_dict``) changes one file.
+Every ArviZ call of the library lives in this module, behind a small private seam that
+dispatches on the installed ArviZ line: 0.x (``az.InferenceData``, Python >= 3.10) or 1.x
+(an xarray ``DataTree``, Python >= 3.12). The public functions take and return the same
+things on both lines, except the container itself, and give the same numbers: PSIS follows
+ArviZ 1.x's Pareto-tail rule on both (see ``_tail_draws``), and the model-comparison table
+keeps the 0.x columns.
 
 A model with no latent weights (``bayesian="none"``) or a deterministic guide (MAP) has
 no posterior to draw from: LOO over a single draw would be meaningless, so those fits
@@ -16,10 +20,11 @@ import os
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
+import xarray as xr
 from pyro import poutine
 from torch import Tensor, nn
 
@@ -42,6 +47,14 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)
     import arviz as az
 
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    from xarray import DataTree
+
+    # What to_inference_data returns: InferenceData on ArviZ 0.x, a DataTree on 1.x.
+    InferenceLike: TypeAlias = "az.InferenceData | DataTree"
+
 __all__ = [
     "OBSERVED",
     "calibration_report",
@@ -60,6 +73,206 @@ __all__ = [
 OBSERVED = "y"
 _LEVELS = (0.5, 0.8, 0.9, 0.95)
 _MAX_ELEMENTS = 2**23
+_ARVIZ_MAJOR = int(az.__version__.split(".")[0])
+# The seam calls both lines' signatures; a type checker sees only the installed line's.
+_az: Any = az
+_SAMPLE_DIMS = ("chain", "draw")
+# The tail-ESS quantiles of ArviZ 0.x; 1.x defaults to its ci_prob (0.89) instead.
+_TAIL_PROB = (0.05, 0.95)
+
+
+# The ArviZ seam: the only functions that know which ArviZ line is installed. Public
+# functions below call these and nothing else of ArviZ.
+
+
+def _from_dict(
+    groups: Mapping[str, Mapping[str, np.ndarray]],
+    coords: Mapping[str, Any],
+    dims: Mapping[str, list[str]],
+    attrs: Mapping[str, Any],
+) -> Any:
+    """InferenceData (0.x) or DataTree (1.x) of {group: {variable: array}}; ``attrs`` are
+    the container's own attributes."""
+    if _ARVIZ_MAJOR >= 1:
+        return _az.from_dict(dict(groups), coords=coords, dims=dims, attrs={"/": dict(attrs)})
+    return _az.from_dict(**groups, coords=coords, dims=dims, attrs=dict(attrs))
+
+
+def _groups(idata: Any) -> list[str]:
+    """Names of the groups of an InferenceData or DataTree (``posterior``, ...)."""
+    if _ARVIZ_MAJOR >= 1:
+        return list(idata.children)
+    return list(idata.groups())
+
+
+def _to_netcdf(idata: Any, path: str) -> None:
+    idata.to_netcdf(path, engine="h5netcdf")
+
+
+def _from_netcdf(path: str) -> Any:
+    """Read a netCDF file fully into memory, so the file can be replaced or removed."""
+    if _ARVIZ_MAJOR >= 1:
+        tree = xr.open_datatree(path, engine="h5netcdf")
+        try:
+            return tree.load()
+        finally:
+            tree.close()
+    idata = _az.from_netcdf(path, engine="h5netcdf")
+    for group in idata.groups():
+        getattr(idata, group).load()
+    return idata
+
+
+def _draw_dataset(values: np.ndarray) -> xr.Dataset:
+    dims = (*_SAMPLE_DIMS, *(f"dim_{i}" for i in range(values.ndim - 2)))
+    return xr.Dataset({"v": (dims, values)})
+
+
+def _rhat(values: np.ndarray) -> np.ndarray:
+    """Rank-normalized split R-hat of draws shaped (chain, draw, ...): shape (...)."""
+    return np.asarray(_az.rhat(_draw_dataset(values))["v"].values)
+
+
+def _ess(values: np.ndarray, method: str) -> np.ndarray:
+    """ESS ("bulk", "tail" or "mean") of draws shaped (chain, draw, ...): shape (...)."""
+    kwargs: dict[str, Any] = {"prob": _TAIL_PROB} if method == "tail" else {}
+    return np.asarray(_az.ess(_draw_dataset(values), method=method, **kwargs)["v"].values)
+
+
+def _r_eff(idata: Any) -> float:
+    """Relative efficiency of the posterior draws, as both ArviZ lines define it for LOO:
+    1 for one chain, else the mean over every posterior scalar of ESS(mean) / draws."""
+    post = idata.posterior
+    chains, draws = post.sizes["chain"], post.sizes["draw"]
+    if chains == 1:
+        return 1.0
+    ess = [_ess(np.asarray(v.values), "mean").ravel() for v in post.data_vars.values()]
+    return float(np.concatenate(ess).mean() / (chains * draws))
+
+
+def _tail_draws(n_draws: int, r_eff: float) -> int:
+    """Draws in the Pareto tail that PSIS smooths: ArviZ 1.x's rule, used on both lines.
+
+    ArviZ 0.x rounds the same quantity, min(S/5, 3 sqrt(S/r_eff)), up and 1.x rounds it
+    down, so the lines disagree whenever it is not a whole number (S = 500 one-chain draws:
+    68 against 67). 1.x refuses fewer than 5 tail draws (S < 25); 0.x then reports k = inf
+    and leaves the weights unsmoothed, which :func:`_psis` does on both lines.
+    """
+    if n_draws * r_eff > 225:
+        return int(np.floor(3 * (n_draws / r_eff) ** 0.5))
+    return int(np.floor(n_draws / 5))
+
+
+def _arviz0_reff(n_draws: int, tail: int) -> float:
+    # The r_eff that makes ArviZ 0.x take ``tail`` tail draws: it takes
+    # ceil(min(S/5, 3 sqrt(S/r_eff))), and this r_eff puts 3 sqrt(S/r_eff) at tail - 1/2,
+    # below S/5 because the 1.x tail never exceeds S/5.
+    return 9.0 * n_draws / (max(tail, 1) - 0.5) ** 2
+
+
+def _psis(log_ratios: np.ndarray, r_eff: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pareto-smoothed log importance weights, normalized over draws, and Pareto k.
+
+    ``log_ratios`` of shape (S, n), draws first (chain-major when flattened from
+    (chain, draw)); returns log weights of shape (S, n) and k of shape (n,), inf where
+    the tail is too short to fit.
+    """
+    n_draws = log_ratios.shape[0]
+    tail = _tail_draws(n_draws, r_eff)
+    if tail < 5:
+        log_weights = log_ratios - np.logaddexp.reduce(log_ratios, axis=0)
+        return log_weights, np.full(log_ratios.shape[1], np.inf)
+    with warnings.catch_warnings():
+        # Both lines warn about k > 0.7; the callers report k themselves.
+        warnings.simplefilter("ignore", UserWarning)
+        if _ARVIZ_MAJOR >= 1:
+            # 1.x's psislw takes log-likelihoods: it smooths the weights -x.
+            neg = xr.DataArray(-log_ratios, dims=("__sample__", "obs"))
+            lw, k = neg.azstats.psislw(dim="__sample__", r_eff=r_eff)
+            return lw.transpose("__sample__", "obs").values, np.asarray(k.values)
+        lw, k = _az.psislw(log_ratios.T.copy(), reff=_arviz0_reff(n_draws, tail))
+        return np.asarray(lw).T, np.asarray(k)
+
+
+def _loo(idata: Any) -> Any:
+    """ArviZ's pointwise PSIS-LOO result of ``OBSERVED`` (0.x ELPDData, 1.x ELPDDataLOO)."""
+    ll = idata.log_likelihood[OBSERVED]
+    n_draws = ll.sizes["chain"] * ll.sizes["draw"]
+    r_eff = _r_eff(idata)
+    with warnings.catch_warnings():
+        # ArviZ warns about high k; loo() reports the numbers and a reading instead.
+        warnings.simplefilter("ignore", UserWarning)
+        if _ARVIZ_MAJOR >= 1:
+            lw, k = _psis(-ll.values.reshape(n_draws, -1), r_eff)
+            return _az.loo(
+                idata,
+                pointwise=True,
+                var_name=OBSERVED,
+                reff=r_eff,
+                log_weights=ll.copy(data=lw.reshape(ll.shape)),
+                pareto_k=ll.isel(chain=0, draw=0, drop=True).copy(data=k),
+            )
+        reff = _arviz0_reff(n_draws, _tail_draws(n_draws, r_eff))
+        res = _az.loo(idata, pointwise=True, var_name=OBSERVED, reff=reff)
+    # The standard error of the sum of n pointwise elpds: 0.x takes their variance with
+    # ddof=0, 1.x (like R's loo) with ddof=1. 1.x's is kept, and ArviZ's compare reads it too.
+    elpd_i = np.asarray(res.loo_i, dtype=float).ravel()
+    res["se"] = float(np.sqrt(elpd_i.size * np.var(elpd_i, ddof=1)))
+    return res
+
+
+def _loo_numbers(res: Any) -> tuple[float, float, float, np.ndarray]:
+    """(elpd_loo, se, p_loo, pareto_k of shape (n,)) of a :func:`_loo` result."""
+    if _ARVIZ_MAJOR >= 1:
+        elpd, p = res.elpd, res.p
+    else:
+        elpd, p = res.elpd_loo, res.p_loo
+    k = np.asarray(res.pareto_k, dtype=float).ravel()
+    return float(elpd), float(res.se), float(p), k
+
+
+def _loo_pit(idata: Any) -> np.ndarray:
+    """LOO-PIT of ``OBSERVED`` (one output column) with :func:`_psis` weights: shape (n,)."""
+    ll = idata.log_likelihood[OBSERVED]
+    n_draws = ll.sizes["chain"] * ll.sizes["draw"]
+    lw, k = _psis(-ll.values.reshape(n_draws, -1), _r_eff(idata))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        if _ARVIZ_MAJOR >= 1:
+            weights = xr.Dataset({OBSERVED: ll.copy(data=lw.reshape(ll.shape))})
+            k_set = xr.Dataset({OBSERVED: ll.isel(chain=0, draw=0, drop=True).copy(data=k)})
+            pit = _az.loo_pit(idata, var_names=OBSERVED, log_weights=weights, pareto_k=k_set)
+            return np.asarray(pit[OBSERVED].values, dtype=float)
+        # 0.x stacks (chain, draw) into a last sample axis: weights (n, S).
+        pit = _az.loo_pit(idata, y=OBSERVED, log_weights=lw.T)
+        return np.asarray(pit, dtype=float)
+
+
+def _compare(results: Mapping[str, Any]) -> Any:
+    """ArviZ's stacking comparison of :func:`_loo` results, in ArviZ 0.x's columns: rank,
+    elpd_loo, p_loo, elpd_diff (best minus this one, >= 0), weight, se, dse, warning, scale."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        if _ARVIZ_MAJOR < 1:
+            return _az.compare(dict(results), ic="loo")
+        table = _az.compare(dict(results), round_to="none")
+    import pandas as pd
+
+    return pd.DataFrame(
+        {
+            "rank": table["rank"].astype(int),
+            "elpd_loo": table["elpd"],
+            "p_loo": table["p"],
+            # 1.x reports this one minus the best (<= 0), 0.x the best minus this one.
+            "elpd_diff": 0.0 - table["elpd_diff"],
+            "weight": table["weight"],
+            "se": table["se"],
+            "dse": table["dse"],
+            "warning": [bool(results[name].warning) for name in table.index],
+            "scale": "log",
+        },
+        index=table.index,
+    )
 
 
 def _unpack(source: Any) -> tuple[MixtureDensityModel, nn.Module, int]:
@@ -150,8 +363,9 @@ def _site_dims(site: str, shape: Sequence[int]) -> list[str]:
 
 def to_inference_data(
     source: Any, X: Any, y: Any, num_draws: int | None = None, seed: int | None = 0
-) -> az.InferenceData:
-    """An ArviZ InferenceData of a fit on data (X, y).
+) -> InferenceLike:
+    """The ArviZ data of a fit on data (X, y): ``az.InferenceData`` on ArviZ 0.x, an xarray
+    ``DataTree`` on ArviZ 1.x, with the same groups, variables, dims and values.
 
     Parameters
     ----------
@@ -164,7 +378,7 @@ def to_inference_data(
 
     Returns
     -------
-    InferenceData with groups
+    InferenceData (ArviZ 0.x) or DataTree (ArviZ 1.x) with groups
         posterior : every latent site (dots become underscores: ``head_weight`` with dims
             ``head_weight_out``, ``head_weight_in``), shape (chain, draw, ...); absent
             when the guide is deterministic (no posterior)
@@ -228,39 +442,39 @@ def to_inference_data(
         else (type(guide).__name__ if posterior else "point estimate")
     )
     ll_chains = chains if posterior else 1
-    return az.from_dict(
-        posterior=post,
-        posterior_predictive={OBSERVED: chained(rep) if posterior else rep.cpu().numpy()[None]},
-        log_likelihood={
-            OBSERVED: log_lik.cpu().numpy().reshape(ll_chains, -1, n),
-        },
-        observed_data={OBSERVED: obs.cpu().numpy()},
-        constant_data={"X": x.cpu().numpy()},
+    groups: dict[str, dict[str, np.ndarray]] = {}
+    if post is not None:
+        groups["posterior"] = post
+    groups["posterior_predictive"] = {
+        OBSERVED: chained(rep) if posterior else rep.cpu().numpy()[None]
+    }
+    groups["log_likelihood"] = {OBSERVED: log_lik.cpu().numpy().reshape(ll_chains, -1, n)}
+    groups["observed_data"] = {OBSERVED: obs.cpu().numpy()}
+    groups["constant_data"] = {"X": x.cpu().numpy()}
+    return _from_dict(
+        groups,
         coords={"obs_id": np.arange(n)},
         dims=dims,
         attrs={"inference": inference, "has_posterior": int(posterior)},
     )
 
 
-def save_inference_data(idata: az.InferenceData, path: str | os.PathLike[str]) -> Path:
-    """Write ``idata`` to netCDF (h5netcdf, ArviZ's own dependency) atomically."""
+def save_inference_data(idata: InferenceLike, path: str | os.PathLike[str]) -> Path:
+    """Write ``idata`` (InferenceData or DataTree) to netCDF with h5netcdf, atomically."""
     with atomic_path(path) as tmp:
-        idata.to_netcdf(str(tmp), engine="h5netcdf")
+        _to_netcdf(idata, str(tmp))
     return Path(path)
 
 
-def read_inference_data(path: str | os.PathLike[str]) -> az.InferenceData:
-    """Read an InferenceData written by :func:`save_inference_data` (fully loaded)."""
+def read_inference_data(path: str | os.PathLike[str]) -> InferenceLike:
+    """Read a file written by :func:`save_inference_data`, fully loaded: InferenceData on
+    ArviZ 0.x, DataTree on 1.x."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"no netCDF file at {str(path)!r}")
-    idata = az.from_netcdf(str(path), engine="h5netcdf")
-    # from_netcdf is lazy; load so the file can be replaced or removed afterwards.
-    for group in idata.groups():
-        getattr(idata, group).load()
-    return idata
+    return _from_netcdf(str(path))
 
 
-def loo(idata: az.InferenceData) -> dict[str, Any]:
+def loo(idata: InferenceLike) -> dict[str, Any]:
     """PSIS-LOO of a fit with a posterior: elpd, its standard error, Pareto k per point.
 
     Returns
@@ -274,21 +488,17 @@ def loo(idata: az.InferenceData) -> dict[str, Any]:
         When ``idata`` has no posterior (a deterministic fit): LOO over one draw is not
         defined; use the held-out log predictive density instead.
     """
-    if "posterior" not in idata.groups():
+    if "posterior" not in _groups(idata):
         raise ValueError(
             "this fit has no posterior (MAP or bayesian='none'): PSIS-LOO needs posterior "
             "draws; judge it by the held-out log predictive density instead"
         )
-    with warnings.catch_warnings():
-        # ArviZ warns about high k; the numbers and the reading below carry that message.
-        warnings.simplefilter("ignore", UserWarning)
-        res = az.loo(idata, pointwise=True, var_name=OBSERVED)
-    k = np.asarray(res.pareto_k, dtype=float)
+    elpd, se, p_loo, k = _loo_numbers(_loo(idata))
     n_bad = int((k > 0.7).sum())
     return {
-        "elpd_loo": float(res.elpd_loo),
-        "se": float(res.se),
-        "p_loo": float(res.p_loo),
+        "elpd_loo": elpd,
+        "se": se,
+        "p_loo": p_loo,
         "pareto_k": k,
         "max_k": float(k.max()),
         "n_k_over_0.7": n_bad,
@@ -342,10 +552,8 @@ def variational_khat(
     log_prior = sum(model.prior(name).log_prob(w) for name, w in weights.items())
     log_lik = pointwise_log_likelihood(model, x, yt, weights).sum(1)
     log_w = (log_prior + log_lik).cpu() - log_q
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        _, khat = az.psislw(log_w.double().numpy())
-    khat = float(khat)
+    _, k = _psis(log_w.double().numpy()[:, None], r_eff=1.0)
+    khat = float(k[0])
     if khat < 0.5:
         reading = "good: the variational posterior is close enough to importance-sample from"
     elif khat < 0.7:
@@ -358,7 +566,7 @@ def variational_khat(
     return {"khat": khat, "num_draws": num_draws, "reading": f"k-hat = {khat:.2f}, {reading}"}
 
 
-def mcmc_convergence(idata: az.InferenceData) -> dict[str, float]:
+def mcmc_convergence(idata: InferenceLike) -> dict[str, float]:
     """R-hat and effective sample sizes of a multi-chain fit, on order-free quantities.
 
     Judged on the total log-likelihood per draw and on each point's log-likelihood,
@@ -372,16 +580,13 @@ def mcmc_convergence(idata: az.InferenceData) -> dict[str, float]:
     """
     ll = idata.log_likelihood[OBSERVED]
     if ll.sizes["chain"] < 2:
-        raise ValueError(
-            f"R-hat needs at least 2 chains, this InferenceData has {ll.sizes['chain']}"
-        )
+        raise ValueError(f"R-hat needs at least 2 chains, these draws have {ll.sizes['chain']}")
     total = ll.sum("obs_id").values  # (chain, draw)
-    pointwise = az.rhat(idata.log_likelihood)[OBSERVED].values
     return {
-        "rhat_total_loglik": float(az.rhat(total)),
-        "ess_bulk_total_loglik": float(az.ess(total, method="bulk")),
-        "ess_tail_total_loglik": float(az.ess(total, method="tail")),
-        "max_rhat_pointwise_loglik": float(np.max(pointwise)),
+        "rhat_total_loglik": float(_rhat(total)),
+        "ess_bulk_total_loglik": float(_ess(total, "bulk")),
+        "ess_tail_total_loglik": float(_ess(total, "tail")),
+        "max_rhat_pointwise_loglik": float(np.max(_rhat(ll.values))),
     }
 
 
@@ -391,7 +596,7 @@ def calibration_report(
     y: Any,
     X_test: Any | None = None,
     y_test: Any | None = None,
-    idata: az.InferenceData | None = None,
+    idata: InferenceLike | None = None,
     levels: Sequence[float] = _LEVELS,
     num_draws: int | None = None,
     crps_draws: int = 20,
@@ -405,7 +610,7 @@ def calibration_report(
     X, y : the data the model was fitted on (for LOO-PIT)
     X_test, y_test : held-out data for exact PIT, coverage and scores; without them those
         are computed on (X, y) and marked ``"in-sample"``
-    idata : InferenceData of (X, y), built when absent and needed
+    idata : the output of :func:`to_inference_data` on (X, y), built when absent and needed
     levels : nominal central-interval levels for coverage
     num_draws : posterior draws of the predictive mixture; None: the estimator's default
     crps_draws : posterior draws pooled for the CRPS, whose cost is quadratic in the
@@ -448,9 +653,7 @@ def calibration_report(
         report["energy_score"] = float(scores.energy_score(draws, y_eval).mean())
     if has_posterior(guide) and yt.shape[1] == 1:
         idata = to_inference_data(source, X, y, num_draws, seed) if idata is None else idata
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            loo_pit = np.asarray(az.loo_pit(idata, y=OBSERVED), dtype=float)
+        loo_pit = _loo_pit(idata)
         stat, p = scores.ks_uniform(np.clip(loo_pit, 0, 1))
         report["loo_pit"] = loo_pit
         report["loo_pit_ks"] = {"statistic": stat, "p_value": p}
@@ -460,7 +663,7 @@ def calibration_report(
 def compare_models(
     models: Mapping[str, Any], X: Any, y: Any, num_draws: int | None = None, seed: int | None = 0
 ) -> Any:
-    """Rank fitted models by PSIS-LOO with ``az.compare`` (elpd differences, stacking weights).
+    """Rank fitted models by PSIS-LOO with ArviZ's ``compare`` (stacking weights).
 
     Parameters
     ----------
@@ -469,11 +672,13 @@ def compare_models(
 
     Returns
     -------
-    pandas.DataFrame, one row per model, best first.
+    pandas.DataFrame, one row per model, best first, with ArviZ 0.x's columns on both
+    lines: rank, elpd_loo, p_loo, elpd_diff (the best model's elpd minus this one's),
+    weight, se, dse, warning (a Pareto k above ArviZ's threshold), scale.
     """
     if not isinstance(models, Mapping) or len(models) < 2:
         raise ValueError("models must be a mapping of at least two named fitted models")
-    idatas = {}
+    results = {}
     for name, source in models.items():
         _, guide, _ = _unpack(source)
         if not has_posterior(guide):
@@ -481,10 +686,8 @@ def compare_models(
                 f"model {name!r} has no posterior (MAP or bayesian='none'): LOO-based "
                 "comparison needs posterior draws; compare held-out scores instead"
             )
-        idatas[name] = to_inference_data(source, X, y, num_draws, seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return az.compare(idatas, ic="loo", var_name=OBSERVED)
+        results[name] = _loo(to_inference_data(source, X, y, num_draws, seed))
+    return _compare(results)
 
 
 def _jsonable(value: Any) -> Any:
@@ -562,7 +765,7 @@ def run_diagnostics(
 
 def _write_figures(
     estimator: Any,
-    idata: az.InferenceData,
+    idata: InferenceLike,
     cal: dict[str, Any],
     report: dict[str, Any],
     x: Tensor,

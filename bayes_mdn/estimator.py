@@ -688,8 +688,8 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         return self._out(pit)
 
     def to_inference_data(self, X: Any, y: Any, num_draws: int | None = None) -> Any:
-        """ArviZ InferenceData of this fit on (X, y): posterior, posterior_predictive,
-        pointwise log_likelihood, observed and constant data.
+        """ArviZ data of this fit on (X, y) (InferenceData on ArviZ 0.x, DataTree on 1.x):
+        posterior, posterior_predictive, pointwise log_likelihood, observed and constant data.
 
         See :func:`bayes_mdn.diagnostics.to_inference_data`.
         """

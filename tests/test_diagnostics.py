@@ -29,7 +29,7 @@ def fitted(data: tuple[np.ndarray, np.ndarray]) -> BayesianMDN:
 def test_inference_data_groups_dims_and_shapes(fitted: BayesianMDN, data) -> None:
     X, y = data
     idata = fitted.to_inference_data(X, y, num_draws=20)
-    assert set(idata.groups()) == {
+    assert set(diagnostics._groups(idata)) == {
         "posterior",
         "posterior_predictive",
         "log_likelihood",
@@ -75,7 +75,7 @@ def test_point_estimate_has_no_posterior(data) -> None:
     X, y = data
     mle = _fit(X, y, bayesian="none", guide="delta", epochs=3)
     idata = diagnostics.to_inference_data(mle, X, y, num_draws=10)
-    assert "posterior" not in idata.groups()
+    assert "posterior" not in diagnostics._groups(idata)
     assert idata.log_likelihood["y"].shape == (1, 1, len(y))
     assert idata.posterior_predictive["y"].shape == (1, 10, len(y))
     with pytest.raises(ValueError, match="no posterior"):
@@ -90,8 +90,8 @@ def test_netcdf_round_trip(fitted: BayesianMDN, data, tmp_path) -> None:
     idata = fitted.to_inference_data(*data, num_draws=10)
     path = diagnostics.save_inference_data(idata, tmp_path / "fit.nc")
     back = diagnostics.read_inference_data(path)
-    assert set(back.groups()) == set(idata.groups())
-    for group in idata.groups():
+    assert set(diagnostics._groups(back)) == set(diagnostics._groups(idata))
+    for group in diagnostics._groups(idata):
         for name, var in getattr(idata, group).data_vars.items():
             np.testing.assert_array_equal(getattr(back, group)[name].values, var.values)
     assert back.attrs["inference"] == "AutoNormal"
@@ -106,6 +106,14 @@ def test_compare_models_ranks_two_fits(fitted: BayesianMDN, data) -> None:
     assert isinstance(table, pd.DataFrame)
     assert list(table.index) == ["k3", "k1"]
     assert table["weight"].sum() == pytest.approx(1.0)
+    # ArviZ 0.x's columns and sign on both lines (1.x names them elpd, p, and flips elpd_diff).
+    assert list(table.columns) == [
+        "rank", "elpd_loo", "p_loo", "elpd_diff", "weight", "se", "dse", "warning", "scale",
+    ]  # fmt: skip
+    assert list(table["rank"]) == [0, 1] and table["elpd_diff"].iloc[0] == 0
+    gap = table["elpd_loo"].iloc[0] - table["elpd_loo"].iloc[1]
+    assert table["elpd_diff"].iloc[1] == pytest.approx(gap, rel=1e-9)
+    assert gap > 0
 
 
 def test_calibration_report_numbers(fitted: BayesianMDN, data) -> None:
@@ -256,3 +264,78 @@ def test_nuts_reference_converges_on_log_likelihood() -> None:
     assert ess >= 50
     assert conv["rhat_total_loglik"] < 1 + 3.3 * 2 * chains / (2 * ess)
     assert np.isfinite(mdn.predict(X[:3])).all()
+
+
+def _gpd_fit(x: np.ndarray) -> tuple[float, float]:
+    # Zhang & Stephens (2009) with the weak prior on k of Vehtari et al. (2024, PSIS):
+    # x sorted ascending, all > 0.
+    n = x.size
+    m = 30 + int(n**0.5)
+    b = 1 - np.sqrt(m / (np.arange(1, m + 1) - 0.5))
+    b = b / (3 * x[int(n / 4 + 0.5) - 1]) + 1 / x[-1]
+    k = np.log1p(-b[:, None] * x).mean(axis=1)
+    profile = n * (np.log(-b / k) - k - 1)
+    weight = np.exp(profile - profile.max())
+    b_post = np.sum(b * weight) / weight.sum()
+    k_post = np.log1p(-b_post * x).mean()
+    return (n * k_post + 10 * 0.5) / (n + 10), -k_post / b_post
+
+
+def _reference_psis(log_ratios: np.ndarray) -> tuple[np.ndarray, float]:
+    """PSIS of one point's S log ratios, one chain: the largest floor(S/5) (S <= 225) or
+    floor(3 sqrt(S)) ratios replaced by GPD quantiles; fewer than 5 are left alone."""
+    n_draws = log_ratios.size
+    tail = int(np.floor(n_draws / 5 if n_draws <= 225 else 3 * n_draws**0.5))
+    lw = log_ratios - log_ratios.max()
+    khat = np.inf
+    if tail >= 5:
+        order = np.argsort(lw)
+        cutoff = np.exp(lw[order[-tail - 1]])
+        khat, sigma = _gpd_fit(np.exp(lw[order[-tail:]]) - cutoff)
+        p = (np.arange(tail) + 0.5) / tail
+        quantiles = cutoff + sigma * np.expm1(-khat * np.log1p(-p)) / khat
+        lw[order[-tail:]] = np.minimum(np.log(quantiles), 0.0)
+    return lw - np.logaddexp.reduce(lw), khat
+
+
+def _synthetic_fit(draws: int, n: int = 30) -> tuple[object, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(draws)
+    mu = rng.normal(0, 0.3, size=(1, draws, 1))
+    y = rng.normal(size=n)
+    # Student-t noise gives the importance ratios real tails (k from about 0 to 1).
+    ll = -0.5 * (y - mu) ** 2 + 0.2 * rng.standard_t(3, size=(1, draws, n))
+    rep = mu + rng.normal(size=(1, draws, n))
+    groups = {
+        "posterior": {"mu": mu[..., 0]},
+        "posterior_predictive": {"y": rep},
+        "log_likelihood": {"y": ll},
+        "observed_data": {"y": y},
+    }
+    idata = diagnostics._from_dict(groups, {"obs_id": np.arange(n)}, {"y": ["obs_id"]}, {})
+    return idata, ll[0], rep[0]
+
+
+@pytest.mark.parametrize("draws", [20, 100, 500])
+def test_loo_and_loo_pit_match_a_direct_psis_computation(draws: int) -> None:
+    # Holds both ArviZ lines to one set of numbers. 20 draws: too few for a Pareto tail
+    # (ArviZ 1.x refuses them, 0.x leaves the weights raw with k = inf); 500: a tail of
+    # floor(3 sqrt(500)) = 67 draws, where ArviZ 0.x on its own would take 68.
+    idata, ll, rep = _synthetic_fit(draws)
+    res = diagnostics.loo(idata)
+    n = ll.shape[1]
+    weights, khat = zip(*(_reference_psis(-ll[:, i]) for i in range(n)))
+    lw = np.stack(weights, axis=1)  # (S, n)
+    elpd_i = np.logaddexp.reduce(lw + ll, axis=0)
+    assert res["pareto_k"].shape == (n,)
+    np.testing.assert_allclose(res["pareto_k"], khat, rtol=1e-9)
+    assert res["elpd_loo"] == pytest.approx(elpd_i.sum(), rel=1e-10)
+    assert res["se"] == pytest.approx(np.sqrt(n * np.var(elpd_i, ddof=1)), rel=1e-10)
+    lppd = np.logaddexp.reduce(ll, axis=0) - np.log(draws)
+    assert res["p_loo"] == pytest.approx(lppd.sum() - elpd_i.sum(), rel=1e-8)
+    y = idata.observed_data["y"].values
+    pit = (np.exp(lw) * (rep < y)).sum(axis=0)
+    np.testing.assert_allclose(diagnostics._loo_pit(idata), pit, atol=1e-12)
+    # The variational check's k-hat goes through the same PSIS.
+    log_w = 2 * np.random.default_rng(1).standard_t(4, size=draws)
+    _, k_ref = _reference_psis(log_w)
+    assert diagnostics._psis(log_w[:, None], r_eff=1.0)[1][0] == pytest.approx(k_ref, rel=1e-9)
