@@ -135,13 +135,21 @@ def _add_fit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--x", required=True, type=_columns, help="input columns, comma-separated")
     p.add_argument("--y", required=True, type=_columns, help="target column(s), comma-separated")
     p.add_argument("--model", required=True, help="model file to write")
-    p.add_argument("--components", type=_positive_int, default=20, help="mixture components K")
-    p.add_argument("--hidden", type=_hidden, default=(64, 16), help="hidden widths, e.g. 64,16")
-    p.add_argument("--bayesian", choices=("none", "last", "all"), default="last")
-    p.add_argument("--guide", choices=("delta", "normal", "lowrank"), default="normal")
-    p.add_argument("--epochs", type=_positive_int, default=300, help="maximum epochs")
-    p.add_argument("--batch-size", type=_positive_int, default=500, help="mini-batch size")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    # Left unset, every model setting is the library's default (see BayesianMDN).
+    p.add_argument("--components", type=_positive_int, help="mixture components K")
+    p.add_argument("--members", type=_positive_int, help="ensemble members")
+    p.add_argument(
+        "--jobs", type=int, help="worker processes fitting the members (-1: every core)"
+    )
+    p.add_argument("--hidden", type=_hidden, help="hidden widths, e.g. 64,16")
+    p.add_argument("--activation", choices=("tanh", "relu", "elu", "gelu", "silu"))
+    p.add_argument("--bayesian", choices=("none", "last", "all"))
+    p.add_argument("--guide", choices=("delta", "normal", "lowrank"))
+    p.add_argument(
+        "--epochs", type=_positive_int, help="maximum epochs (default: a budget in steps)"
+    )
+    p.add_argument("--batch-size", type=_positive_int, help="mini-batch size")
+    p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the fit")
     p.add_argument(
         "--dtype",
@@ -201,32 +209,44 @@ def _run_fit(args: argparse.Namespace) -> int:
     from .tabular import fit_csv
 
     _refuse_overwrite(args.model, "--model", {"--csv": args.csv})
-    guide = "delta" if args.bayesian == "none" else args.guide
+    given = {
+        "n_components": args.components,
+        "n_members": args.members,
+        "n_jobs": args.jobs,
+        "hidden": args.hidden,
+        "activation": args.activation,
+        "bayesian": args.bayesian,
+        "guide": "delta" if args.bayesian == "none" else args.guide,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+    }
     mdn = fit_csv(
         args.csv,
         args.x,
         args.y,
         args.model,
-        n_components=args.components,
-        hidden=args.hidden,
-        bayesian=args.bayesian,
-        guide=guide,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
+        **{k: v for k, v in given.items() if v is not None},
         seed=args.seed,
         dtype=args.dtype,
         device=args.device,
         progress=not args.no_progress,
     )
-    history = mdn.history_
-    best = history.val_nll[history.best_epoch] if history.val_nll else history.train_loss[-1]
-    print(
-        f"fitted {len(history.train_loss)} epochs (kept epoch {history.best_epoch + 1}, "
-        f"{'validation NLL' if history.val_nll else 'train loss'} {best:.4f}); "
-        f"model written to {args.model}"
-    )
+    print(f"{fit_summary(mdn)}; model written to {args.model}")
     return 0
+
+
+def fit_summary(mdn: Any) -> str:
+    """One line on what a fit did: members, steps, the kept validation or training score."""
+    parts = []
+    for h in mdn.histories_:
+        if h.val_nll:
+            parts.append(f"{min(h.val_nll):.4f}")
+        else:
+            parts.append(f"{h.train_loss[-1]:.4f}")
+    what = "validation NLL" if mdn.history_.val_nll else "train loss"
+    members = f"{mdn.n_members_} member{'s' if mdn.n_members_ > 1 else ''}"
+    return f"fitted {members} in {mdn.n_steps_} steps (kept {what}: {', '.join(parts)})"
 
 
 def _run_predict(args: argparse.Namespace) -> int:

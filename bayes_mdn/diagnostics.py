@@ -32,7 +32,7 @@ from . import mixtures, scores
 from ._files import atomic_path, write_json
 from ._utils import pyro_scope, seeded
 from ._validation import as_2d_float
-from .guides import EmpiricalGuide, is_deterministic
+from .guides import EmpiricalGuide, EnsembleGuide, is_deterministic
 from .model import MixtureDensityModel
 from .predict import (
     log_predictive_density,
@@ -321,7 +321,13 @@ def _check_draws(num_draws: int) -> None:
 
 
 def has_posterior(guide: nn.Module) -> bool:
-    """True when the guide holds a posterior to draw from (not MAP, not point estimates)."""
+    """True when the guide holds a posterior to draw from (not MAP, not point estimates).
+
+    An ensemble has one when its members do: an ensemble of MAP members is M networks,
+    too few draws for PSIS-LOO, so it is judged on held-out data like one MAP fit.
+    """
+    if isinstance(guide, EnsembleGuide):
+        return any(not is_deterministic(g) for g in guide.guides)
     return not is_deterministic(guide)
 
 
@@ -412,11 +418,17 @@ def to_inference_data(
     posterior = has_posterior(guide)
     draws = next(iter(weights.values())).shape[0] if posterior else (num_draws or default)
     log_lik = pointwise_log_likelihood(model, x, yt, weights)  # (S or 1, n)
+    point_ensemble = isinstance(guide, EnsembleGuide) and not posterior
+    if point_ensemble:
+        # M point estimates pooled: the model's density is the mean of the members'.
+        log_lik = (torch.logsumexp(log_lik, 0) - math.log(len(log_lik)))[None]
 
     with seeded(None if seed is None else seed + 1, device), torch.no_grad():
         # One y per posterior draw; a deterministic fit has one network, drawn from S times.
         if posterior:
             y_rep = model.sample(x, weights)
+        elif point_ensemble:
+            y_rep = sample_predictive(model, guide, x, draws, seed=None, sampler="direct")
         else:
             point = {name: value[0] for name, value in weights.items()}
             y_rep = model.sample(x, point, num_draws=draws)
@@ -439,7 +451,11 @@ def to_inference_data(
     inference = (
         "nuts"
         if isinstance(guide, EmpiricalGuide)
-        else (type(guide).__name__ if posterior else "point estimate")
+        else (
+            type(guide).__name__
+            if posterior
+            else ("ensemble of point estimates" if point_ensemble else "point estimate")
+        )
     )
     ll_chains = chains if posterior else 1
     groups: dict[str, dict[str, np.ndarray]] = {}
@@ -537,6 +553,22 @@ def variational_khat(
     if isinstance(guide, EmpiricalGuide):
         raise ValueError("MCMC draws have no density q(theta): the k-hat check is for SVI")
     _check_draws(num_draws)
+    if isinstance(guide, EnsembleGuide):
+        # The pooled draws have no density q; each member's variational posterior does, and
+        # is checked against the posterior of its own point-estimated layers.
+        members = [
+            variational_khat((m, g), X, y, num_draws, None if seed is None else seed + i)
+            for i, (m, g) in enumerate(guide.members)
+        ]
+        khats = [r["khat"] for r in members]
+        worst = max(khats)
+        return {
+            "khat": worst,
+            "khat_members": khats,
+            "num_draws": num_draws,
+            "reading": f"worst of {len(khats)} members: "
+            + members[khats.index(worst)]["reading"],
+        }
     x, yt = _tensors(model, X, y)
     log_q = torch.empty(num_draws, dtype=x.dtype)
     draws: dict[str, list[Tensor]] = {name: [] for name in model.latent_shapes}

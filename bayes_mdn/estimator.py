@@ -35,7 +35,7 @@ from .guides import GUIDES, EmpiricalGuide, EnsembleGuide, make_guide
 from .model import BAYESIAN_LAYERS, MixtureDensityModel
 from .nets import ACTIVATIONS, COVARIANCES, MixtureDensityNetwork, MixtureParams
 
-__all__ = ["BayesianMDN"]
+__all__ = ["BayesianMDN", "auto_components"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 METHODS = ("svi", "nuts")
@@ -46,8 +46,11 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
 
     Parameters
     ----------
-    n_components : int
-        Number of Gaussian components K.
+    n_components : int or "auto"
+        Number of Gaussian components K. ``"auto"`` grows K with the training rows n as
+        round(n ** (1/3)), between 3 and 20 (:func:`auto_components`): the cube-root rate
+        at which histogram and mixture resolution grow with data (Scott's rule), so a
+        hundred rows get a few components and tens of thousands get 20.
     n_members : int
         Independently fitted members pooled into one predictive mixture (a deep
         ensemble; with Bayesian members, an ensemble of posteriors). Each member has its
@@ -135,6 +138,8 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         The first member's history.
     histories_ : list of FitHistory
         One per member.
+    n_components_ : int
+        K used (``n_components`` with ``"auto"`` resolved).
     n_members_ : int
         Members fitted (one with ``method="nuts"``).
     n_steps_ : int
@@ -164,7 +169,7 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
 
     def __init__(
         self,
-        n_components: int = 20,
+        n_components: int | Literal["auto"] = "auto",
         n_members: int = 5,
         n_jobs: int | None = None,
         hidden: Sequence[int] = (64, 16),
@@ -271,12 +276,14 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         ):
             if value not in options:
                 raise ValueError(f"{name} must be one of {options}, got {value!r}")
-        if (
+        if self.n_components != "auto" and (
             not isinstance(self.n_components, int)
             or isinstance(self.n_components, bool)
             or (self.n_components < 1)
         ):
-            raise ValueError(f"n_components must be an integer >= 1, got {self.n_components!r}")
+            raise ValueError(
+                f"n_components must be 'auto' or an integer >= 1, got {self.n_components!r}"
+            )
         if isinstance(self.hidden, (str, bytes)) or not all(
             isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in self.hidden
         ):
@@ -380,6 +387,11 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
             torch.as_tensor(s, dtype=dtype, device=device) for s in standardization(x_arr, y_arr)
         )
         stats = (x_loc, x_scale, y_loc, y_scale)
+        self.n_components_ = (
+            auto_components(len(x_arr) - n_val)
+            if self.n_components == "auto"
+            else int(self.n_components)
+        )
         # method="nuts" samples one model's latent weights: one SVI member is its start.
         n_members = 1 if self.method == "nuts" else self.n_members
         seeds = [None if self.seed is None else self.seed + m for m in range(n_members)]
@@ -474,7 +486,7 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
             net = MixtureDensityNetwork(
                 d_x=d_x,
                 d_y=d_y,
-                n_components=self.n_components,
+                n_components=self.n_components_,
                 hidden=tuple(self.hidden),
                 activation=self.activation,
                 covariance=self.covariance,
@@ -707,6 +719,18 @@ def _member_path(
         return None
     path = os.fspath(checkpoint)
     return path if n_members == 1 else f"{path}.member{member}"
+
+
+def auto_components(n_train: int) -> int:
+    """The number of mixture components ``n_components="auto"`` gives ``n_train`` rows:
+    round(n_train ** (1/3)), between 3 and 20.
+
+    Examples
+    --------
+    >>> [auto_components(n) for n in (100, 1_000, 5_000, 100_000)]
+    [5, 10, 17, 20]
+    """
+    return int(min(20, max(3, round(n_train ** (1 / 3)))))
 
 
 def _n_workers(n_jobs: int | None) -> int:

@@ -78,6 +78,7 @@ def save(estimator: BayesianMDN, path: str | os.PathLike[str]) -> None:
             "y_1d": bool(estimator._y_1d),
             "history": estimator.history_.to_dict(),
             "histories": [h.to_dict() for h in estimator.histories_],
+            "n_components_": estimator.n_components_,
             "feature_names_in_": [str(c) for c in getattr(estimator, "feature_names_in_", [])],
         },
         "model": dict(estimator.model_.state_dict()),
@@ -181,9 +182,12 @@ def _estimator(header: dict[str, Any], device_name: str) -> tuple[BayesianMDN, i
     est._check_options()
     fitted = header["fitted"]
     d_x, d_y = fitted["n_features_in_"], fitted["n_outputs_"]
-    for name, value in (("n_features_in_", d_x), ("n_outputs_", d_y)):
+    # Files written before n_components="auto" hold the K they used in n_components.
+    k = fitted.get("n_components_", params.get("n_components"))
+    for name, value in (("n_features_in_", d_x), ("n_outputs_", d_y), ("n_components_", k)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ModelFileError(f"the header's {name} must be an integer >= 1, got {value!r}")
+    est.n_components_ = k
     return est, d_x, d_y
 
 

@@ -142,7 +142,10 @@ def plot_loss(history: FitHistory, ax: Axes | None = None) -> Axes:
     epochs = np.arange(1, len(history.train_loss) + 1)
     ax.plot(epochs, history.train_loss, label="train: -ELBO / n")
     if history.val_nll:
-        ax.plot(epochs, history.val_nll, label="validation NLL")
+        # Validation runs every few epochs (FitHistory.val_epochs; files written before
+        # that field existed validated every epoch).
+        val_epochs = np.asarray(history.val_epochs or range(len(history.val_nll))) + 1
+        ax.plot(val_epochs, history.val_nll, marker=".", label="validation NLL")
         ax.axvline(history.best_epoch + 1, color="gray", ls=":", label="kept state")
     finite = np.asarray(history.train_loss + history.val_nll, dtype=float)
     if finite.size:

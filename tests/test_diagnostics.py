@@ -17,7 +17,14 @@ def data() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _fit(X: np.ndarray, y: np.ndarray, **kwargs: object) -> BayesianMDN:
-    settings = {"n_components": 3, "hidden": (16,), "epochs": 15, "progress": False} | kwargs
+    # One member unless a test asks for an ensemble (test_ensemble_diagnostics below).
+    settings = {
+        "n_components": 3,
+        "hidden": (16,),
+        "epochs": 15,
+        "progress": False,
+        "n_members": 1,
+    } | kwargs
     return BayesianMDN(**settings).fit(X, y)
 
 
@@ -339,3 +346,23 @@ def test_loo_and_loo_pit_match_a_direct_psis_computation(draws: int) -> None:
     log_w = 2 * np.random.default_rng(1).standard_t(4, size=draws)
     _, k_ref = _reference_psis(log_w)
     assert diagnostics._psis(log_w[:, None], r_eff=1.0)[1][0] == pytest.approx(k_ref, rel=1e-9)
+
+
+@pytest.mark.parametrize("guide", ["normal", "delta"])
+def test_ensemble_diagnostics(data, guide) -> None:
+    X, y = data
+    ens = _fit(X, y, n_members=3, guide=guide)
+    idata = diagnostics.to_inference_data(ens, X, y, num_draws=60)
+    log_lik = idata.log_likelihood["y"].values
+    if guide == "normal":
+        # Pooled draws of Bayesian members: LOO over them, k-hat member by member.
+        assert log_lik.shape == (1, 60, len(y))
+        assert np.isfinite(diagnostics.loo(idata)["elpd_loo"])
+        check = diagnostics.variational_khat(ens, X, y, num_draws=100)
+        assert len(check["khat_members"]) == 3 and check["khat"] == max(check["khat_members"])
+    else:
+        # MAP members: one pooled density, the mean of the members' densities.
+        assert log_lik.shape == (1, 1, len(y))
+        np.testing.assert_allclose(log_lik[0, 0], ens.log_prob(X, y), rtol=1e-4, atol=1e-4)
+        with pytest.raises(ValueError, match="no variational posterior"):
+            diagnostics.variational_khat(ens, X, y)
