@@ -422,7 +422,12 @@ def predictive_quantiles(
     def quant(p: MixtureParams) -> Tensor:
         return mixtures.marginal_quantiles(p, q).movedim(0, 1)
 
-    return _pooled(model, guide, x, num_draws, seed, quant, max_elements, cost=len(q))
+    # Solved in standardized units (where the mixture is well scaled), mapped back in float64.
+    z = _pooled(model, guide, x, num_draws, seed, quant, max_elements, cost=len(q))
+    loc, scale = _y_units(model)
+    out = loc + scale * z.to(torch.float64)
+    _check_overflow(z, out, "quantiles", scale)
+    return out
 
 
 def predictive_interval(

@@ -126,3 +126,24 @@ def test_unknown_sampler():
     model, g = fitted()
     with pytest.raises(ValueError, match="sampler"):
         predict.sample_predictive(model, g, torch.zeros(2, 1), sampler="gibbs")
+
+
+def test_quantiles_are_in_the_units_of_y():
+    """predict_cdf at predict_quantiles(q) is q, for a target far from standardized units.
+
+    Regression: quantiles were once returned in the model's standardized units."""
+    import numpy as np
+
+    from bayes_mdn import BayesianMDN, make_inverse_sine
+
+    X, y = make_inverse_sine(300, seed=0)
+    y = 100.0 * y + 50.0
+    mdn = BayesianMDN(n_components=3, hidden=(8,), epochs=5, progress=False, n_members=2)
+    mdn.fit(X, y)
+    q = np.array([0.05, 0.5, 0.95])
+    quantiles = mdn.predict_quantiles(X[:20], q)
+    for j, level in enumerate(q):
+        np.testing.assert_allclose(mdn.predict_cdf(X[:20], quantiles[:, j]), level, atol=1e-4)
+    lo, hi = mdn.predict_interval(X[:20], 0.9)
+    np.testing.assert_allclose(lo, quantiles[:, 0], rtol=1e-6)
+    np.testing.assert_allclose(hi, quantiles[:, 2], rtol=1e-6)
