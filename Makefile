@@ -9,7 +9,7 @@ TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 OUT ?= demo_output
 
-.PHONY: setup demo test test-fast lint benchmark clean
+.PHONY: setup demo test test-fast lint benchmark benchmark-real clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 setup: $(VENV)/.installed
+
+# The real-data benchmark's peers (ngboost, zuko, statsmodels), on top of the same venv.
+$(VENV)/.installed-benchmark: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install --quiet -e ".[dev,benchmark]"
+	touch $@
 
 demo: setup
 	$(VENV)/bin/bayes-mdn demo --out $(OUT)
@@ -35,6 +40,11 @@ lint: setup
 
 benchmark: setup
 	$(PY) scripts/benchmark.py
+
+# Full real-data suite (issue #12): every model, every split; writes docs/real_data.{md,json,png}.
+# Cached per-split results in benchmarks/real_data_cache.json are reused where still valid.
+benchmark-real: $(VENV)/.installed-benchmark
+	$(PY) -m benchmarks.real_data --out docs
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache
