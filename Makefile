@@ -14,7 +14,7 @@ LOCK ?= requirements/ci.txt
 PY := $(VENV)/bin/python
 OUT ?= demo_output
 
-.PHONY: setup demo test test-fast test-latest test-arviz1 lint benchmark clean
+.PHONY: setup demo test test-fast test-latest test-arviz1 lint benchmark benchmark-real clean
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	touch $@
 
 setup: $(VENV)/.installed
+
+# The real-data benchmark's peers (ngboost, zuko, statsmodels), on top of the same venv.
+$(VENV)/.installed-benchmark: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install --quiet -e ".[dev,benchmark]"
+	touch $@
 
 demo: setup
 	$(VENV)/bin/bayes-mdn demo --out $(OUT)
@@ -54,6 +59,11 @@ lint: setup
 
 benchmark: setup
 	$(PY) scripts/benchmark.py
+
+# Full real-data suite (issue #12): every model, every split; writes docs/real_data.{md,json,png}.
+# Cached per-split results in benchmarks/real_data_cache.json are reused where still valid.
+benchmark-real: $(VENV)/.installed-benchmark
+	$(PY) -m benchmarks.real_data --out docs
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) .venv312 $(OUT) .pytest_cache

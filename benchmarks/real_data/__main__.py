@@ -1,0 +1,7 @@
+"""``python -m benchmarks.real_data``: see ``cli.main``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
