@@ -65,7 +65,11 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
     hidden : sequence of int
         Hidden layer widths. A narrow last hidden layer keeps the Bayesian output layer
         small, which mean-field posteriors handle better.
-    activation : {"tanh", "relu", "elu", "gelu", "silu"}
+    activation : {"relu", "tanh", "elu", "gelu", "silu"}
+        ReLU by default: its features grow linearly away from the data, so members that
+        agree inside the data disagree outside it, where tanh features saturate and
+        members agree confidently (measured on the data-with-a-hole problem of notebook
+        02; see docs/defaults.md).
     bayesian : {"none", "last", "all"}
         Layers whose weights get a Gaussian prior and a posterior: none (maximum
         likelihood), the output layer, or every layer.
@@ -173,7 +177,7 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         n_members: int = 5,
         n_jobs: int | None = None,
         hidden: Sequence[int] = (64, 16),
-        activation: str = "tanh",
+        activation: str = "relu",
         bayesian: Literal["none", "last", "all"] = "last",
         guide: Literal["delta", "normal", "lowrank"] = "normal",
         covariance: Literal["diagonal", "full"] = "diagonal",

@@ -159,7 +159,7 @@ class FitConfig:
 
 
 # The automatic budget, counted in optimizer steps (see FitConfig).
-AUTO_STEPS = 5000
+AUTO_STEPS = 8000
 AUTO_PATIENCE_STEPS = 1000
 EVAL_STEPS = 25
 

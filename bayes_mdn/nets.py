@@ -129,7 +129,7 @@ class MixtureDensityNetwork(nn.Module):
         d_y: int,
         n_components: int,
         hidden: Sequence[int] = (64, 16),
-        activation: str = "tanh",
+        activation: str = "relu",
         covariance: Covariance = "diagonal",
         min_scale: float = 0.02,
     ) -> None:
