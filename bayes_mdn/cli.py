@@ -70,7 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo_output", help="output folder (default: %(default)s)")
     demo.add_argument("--n-train", type=_positive_int, default=5000, help="training points")
     demo.add_argument("--n-test", type=_positive_int, default=20000, help="fresh test points")
-    demo.add_argument("--epochs", type=_positive_int, default=300, help="maximum epochs")
+    demo.add_argument(
+        "--epochs",
+        type=_positive_int,
+        help="maximum epochs of both fits (default: 300 for the regression net, the "
+        "library's step budget for the MDN)",
+    )
     demo.add_argument("--seed", type=_seed, default=0, help="seed of data and fits")
     demo.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")

@@ -566,8 +566,7 @@ def variational_khat(
             "khat": worst,
             "khat_members": khats,
             "num_draws": num_draws,
-            "reading": f"worst of {len(khats)} members: "
-            + members[khats.index(worst)]["reading"],
+            "reading": f"worst of {len(khats)} members: " + members[khats.index(worst)]["reading"],
         }
     x, yt = _tensors(model, X, y)
     log_q = torch.empty(num_draws, dtype=x.dtype)

@@ -192,7 +192,7 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         clip_norm: float | None = 10.0,
         num_particles: int = 1,
         val_fraction: float = 0.1,
-        patience: int | None | Literal["auto"] = "auto",
+        patience: int | Literal["auto"] | None = "auto",
         val_draws: int = 16,
         input_noise: float = 0.05,
         jit: bool = False,

@@ -96,7 +96,7 @@ class FitConfig:
     clip_norm: float | None = 10.0
     num_particles: int = 1
     val_fraction: float = 0.0
-    patience: int | None | Literal["auto"] = "auto"
+    patience: int | Literal["auto"] | None = "auto"
     val_draws: int = 16
     input_noise: float = 0.05
     jit: bool = False
@@ -612,9 +612,7 @@ def fit_svi(
                 if patience is not None and stale >= patience and not last:
                     history.stopped_early = True
             if checkpoint is not None and (
-                (epoch + 1) % checkpoint_every == 0
-                or last
-                or history.stopped_early
+                (epoch + 1) % checkpoint_every == 0 or last or history.stopped_early
             ):
                 history.seconds = elapsed + time.perf_counter() - start
                 _write_checkpoint(

@@ -183,7 +183,13 @@ def _estimator(header: dict[str, Any], device_name: str) -> tuple[BayesianMDN, i
     fitted = header["fitted"]
     d_x, d_y = fitted["n_features_in_"], fitted["n_outputs_"]
     # Files written before n_components="auto" hold the K they used in n_components.
-    k = fitted.get("n_components_", params.get("n_components"))
+    declared = params.get("n_components")
+    k = fitted.get("n_components_", declared)
+    if declared != "auto" and declared != k:
+        raise ModelFileError(
+            f"the network its header describes does not match the tensors it stores: "
+            f"n_components is {declared!r}, but the model was fitted with n_components_ = {k!r}"
+        )
     for name, value in (("n_features_in_", d_x), ("n_outputs_", d_y), ("n_components_", k)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ModelFileError(f"the header's {name} must be an integer >= 1, got {value!r}")
@@ -277,9 +283,7 @@ def _build(
         members = []
         # method="nuts" keeps one SVI member (see BayesianMDN.fit).
         for _ in range(1 if est.method == "nuts" else est.n_members):
-            model, guide = est._build_model(
-                d_x, d_y, placeholders, init_seed=None if meta else 0
-            )
+            model, guide = est._build_model(d_x, d_y, placeholders, init_seed=None if meta else 0)
             # Autoguides create their parameters on the first call: run one on a dummy
             # batch so that the saved values have somewhere to go.
             with pyro_scope():

@@ -76,9 +76,7 @@ def test_ensemble_predictions_shapes_and_seeds(data):
     draws = ens.sample(X[:6], n_samples=9, seed=1)
     assert draws.shape == (9, 6)
     np.testing.assert_array_equal(draws, ens.sample(X[:6], n_samples=9, seed=1))
-    np.testing.assert_array_equal(
-        ens.sample(X[:6], 9, seed=1, sampler="direct").shape, (9, 6)
-    )
+    np.testing.assert_array_equal(ens.sample(X[:6], 9, seed=1, sampler="direct").shape, (9, 6))
     lo, hi = ens.predict_interval(X[:6])
     assert (lo < hi).all()
     parts = ens.uncertainty(X[:6])

@@ -31,7 +31,12 @@ def _data(n: int = 64, d_x: int = 1, d_y: int = 1, seed: int = 0) -> tuple[np.nd
 def _tiny(**options) -> BayesianMDN:
     # One member: these tests are about one fit's file and loop (ensembles: test_ensemble).
     base = dict(
-        n_components=3, hidden=(8,), epochs=2, batch_size=32, progress=False, device="cpu",
+        n_components=3,
+        hidden=(8,),
+        epochs=2,
+        batch_size=32,
+        progress=False,
+        device="cpu",
         n_members=1,
     )
     return BayesianMDN(**(base | options))
@@ -398,7 +403,7 @@ def test_resume_refuses_other_settings_and_data(tmp_path):
 @pytest.mark.parametrize(
     ("setting", "value", "shown"),
     [
-        ("activation", "relu", "'tanh', now 'relu'"),
+        ("activation", "tanh", "'relu', now 'tanh'"),
         ("min_scale", 0.05, "0.02, now 0.05"),
         ("prior_scale", 1.0, "32.0, now 1.0"),
         ("init_scale", 0.01, "0.001, now 0.01"),
@@ -433,8 +438,8 @@ def test_resume_names_every_changed_setting_and_accepts_equal_ones(tmp_path):
     ck = tmp_path / "ck"
     _tiny(checkpoint=ck, epochs=2).fit(X, y)
     with pytest.raises(ValueError) as err:
-        _tiny(checkpoint=ck, epochs=2, resume=True, activation="relu", min_scale=0.1).fit(X, y)
-    assert "activation: checkpoint 'tanh', now 'relu'; min_scale: checkpoint 0.02" in str(
+        _tiny(checkpoint=ck, epochs=2, resume=True, activation="tanh", min_scale=0.1).fit(X, y)
+    assert "activation: checkpoint 'relu', now 'tanh'; min_scale: checkpoint 0.02" in str(
         err.value
     )
     assert "other data" not in str(err.value)

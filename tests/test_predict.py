@@ -39,7 +39,9 @@ def test_chunking_does_not_change_results():
     q = torch.tensor([0.1, 0.5, 0.9])
     a = predict.predictive_quantiles(model, g, x, q, num_draws=4, seed=0)
     b = predict.predictive_quantiles(model, g, x, q, num_draws=4, seed=0, max_elements=50)
-    torch.testing.assert_close(a, b)
+    # Solved in the model's float32 (then mapped to float64): a chunk's Newton iterations
+    # stop together, so the last float32 ulps may differ between chunkings.
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_samples_shape_and_seed():
@@ -59,7 +61,7 @@ def test_samples_follow_the_predictive_cdf():
     q = torch.tensor([0.1, 0.5, 0.9])
     exact = predict.predictive_quantiles(model, g, x, q)[0, :, 0]
     empirical = torch.quantile(draws[:, 0, 0], q)
-    torch.testing.assert_close(empirical, exact, atol=0.05, rtol=0)
+    torch.testing.assert_close(empirical, exact, atol=0.05, rtol=0, check_dtype=False)
 
 
 def test_summaries_are_consistent():
@@ -118,7 +120,11 @@ def test_both_samplers_draw_the_same_distribution(covariance):
     exact = predict.predictive_quantiles(model, g, x, q, num_draws=40_000, seed=0)
     for draws in (a, b):
         torch.testing.assert_close(
-            torch.quantile(draws, q, dim=0).movedim(0, 1), exact, atol=0.06, rtol=0
+            torch.quantile(draws, q, dim=0).movedim(0, 1),
+            exact,
+            atol=0.06,
+            rtol=0,
+            check_dtype=False,  # quantiles come back in float64
         )
 
 

@@ -23,21 +23,21 @@ def problem():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("options", "max_gap"),
-    [
-        ({"bayesian": "last", "guide": "delta"}, 0.035),
-        ({"bayesian": "last", "guide": "normal"}, 0.045),
-    ],
-)
-def test_inverse_sine_test_nll(problem, options, max_gap):
+def test_inverse_sine_test_nll_with_the_defaults(problem):
+    # The defaults: an ensemble of 5 members, K = "auto" (17 here), ReLU (64, 16), a
+    # Bayesian last layer, each member early-stopped on its own 10% split. Measured gap
+    # 0.039 on this test set (docs/defaults.md). The bound adds the test set's own spread
+    # of the gap (about 0.003 at 20,000 points) and a margin for seeded float paths that
+    # differ across CPUs and library versions.
     X, y, X_test, y_test, oracle = problem
-    mdn = BayesianMDN(progress=False, **options).fit(X, y)
+    mdn = BayesianMDN(progress=False).fit(X, y)
     nll = -mdn.score(X_test, y_test)
-    assert nll <= 1.32
-    assert nll - oracle <= max_gap
+    assert nll - oracle <= 0.05
     # An MDN cannot beat the exact density by more than sampling noise of the test set.
     assert nll >= oracle - 0.005
+    lo, hi = mdn.predict_interval(X_test, 0.9)
+    # 20,000 points: the coverage of a calibrated interval has sd 0.002.
+    assert 0.87 <= float(((y_test > lo) & (y_test < hi)).mean()) <= 0.95
 
 
 @pytest.mark.slow

@@ -30,7 +30,12 @@ def _data(n: int = 96, d_y: int = 1, seed: int = 0) -> tuple[np.ndarray, np.ndar
 def _tiny(**options) -> BayesianMDN:
     # One member: these tests probe inputs and numerics of a fit (ensembles: test_ensemble).
     base = dict(
-        n_components=3, hidden=(8,), epochs=3, batch_size=32, progress=False, device="cpu",
+        n_components=3,
+        hidden=(8,),
+        epochs=3,
+        batch_size=32,
+        progress=False,
+        device="cpu",
         n_members=1,
     )
     return BayesianMDN(**(base | options))
