@@ -117,8 +117,10 @@ def plot_mixture_at(
     sd = mix.marginal_scale()[0, :, 0]
     normal = torch.distributions.Normal(mix.loc[0, :, 0], sd)
     # The pooled predictive holds K components per posterior draw, draw-major: component
-    # k of the predictive is the draw-average of component k of each network.
-    k = model.n_components
+    # k of the predictive is the draw-average of component k of each network (for an
+    # ensemble, of the networks of every member: members label their components alike
+    # only by their shared initialization of the output layer).
+    k = model.n_components_
     comp = (weights * normal.log_prob(yt[:, 0]).exp()).reshape(len(grid), -1, k).sum(1)
     comp_weight = weights.reshape(-1, k).sum(0)
     comp = comp.cpu().numpy()
