@@ -127,6 +127,9 @@ def test_ensemble_checkpoints_resume_member_by_member(data, tmp_path):
     # Every member's loop is finished: resuming restores the same ensemble.
     again = BayesianMDN(**kw, resume=True).fit(X, y)
     np.testing.assert_array_equal(again.log_prob(X, y), first.log_prob(X, y))
+    # Worker processes change no number, so they may resume an in-process fit.
+    workers = BayesianMDN(**kw, resume=True, n_jobs=2).fit(X, y)
+    np.testing.assert_array_equal(workers.log_prob(X, y), first.log_prob(X, y))
     # A changed setting is refused for the ensemble as for one fit.
     with pytest.raises(ValueError, match="other settings"):
         BayesianMDN(**{**kw, "lr": 0.02}, resume=True).fit(X, y)
