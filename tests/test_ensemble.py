@@ -24,22 +24,96 @@ def test_ensemble_density_is_the_mean_of_member_densities(data, guide):
     X, y = data
     ens = BayesianMDN(**FAST, n_members=3, guide=guide, num_draws=300, seed=5).fit(X, y)
     assert isinstance(ens.guide_, EnsembleGuide) and len(ens.guide_) == 3
-    members = [
-        BayesianMDN(**FAST, n_members=1, guide=guide, num_draws=300, seed=5 + m).fit(X, y)
-        for m in range(3)
-    ]
-    # Member m of the ensemble is the single fit seeded seed + m.
-    for m, single in enumerate(members):
-        for a, b in zip(ens.guide_.models[m].parameters(), single.model_.parameters()):
-            torch.testing.assert_close(a, b)
-    log_p = np.stack([mdn.log_prob(X[:50], y[:50]) for mdn in members])
-    pooled = logsumexp(log_p, 0) - np.log(3)
+    x = torch.as_tensor(X[:50], dtype=torch.float32)
+    t = torch.as_tensor(y[:50, None], dtype=torch.float32)
+    log_p = []
+    with pyro_scope(), seeded(1), torch.no_grad():
+        for model, guide_m in ens.guide_.members:
+            weights = draw_latents(guide_m, 1 if guide == "delta" else 300)
+            log_p.append(model.log_predictive_density(x, t, weights).numpy())
+    pooled = logsumexp(np.stack(log_p), 0) - np.log(3)
     if guide == "delta":
         # Deterministic members: the pooled density is exact.
         np.testing.assert_allclose(ens.log_prob(X[:50], y[:50]), pooled, rtol=1e-5, atol=1e-5)
     else:
         # 100 draws a member against 300: a Monte Carlo difference, small for a short fit.
         np.testing.assert_allclose(ens.log_prob(X[:50], y[:50]), pooled, atol=0.05)
+
+
+@pytest.mark.parametrize("options", [dict(guide="delta"), dict(bayesian="none", guide="delta")])
+def test_stacked_members_follow_the_fits_they_would_have_alone(data, options):
+    """Stacked training changes no member's update rule: with every random choice of the
+    loop switched off (full batches, no input noise, no validation split), member m of a
+    stacked ensemble is the single fit seeded seed + m, to float64 rounding."""
+    X, y = data
+    kw = dict(
+        FAST,
+        epochs=30,
+        batch_size=None,
+        input_noise=0.0,
+        val_fraction=0.0,
+        dtype="float64",
+        seed=3,
+        **options,
+    )
+    ens = BayesianMDN(**kw, n_members=3).fit(X, y)
+    for m in range(3):
+        single = BayesianMDN(**{**kw, "seed": 3 + m}, n_members=1).fit(X, y)
+        np.testing.assert_allclose(
+            ens.histories_[m].train_loss, single.history_.train_loss, rtol=1e-9
+        )
+        member = torch.nn.utils.parameters_to_vector(
+            list(ens.guide_.models[m].parameters()) + list(ens.guide_.guides[m].parameters())
+        )
+        alone = torch.nn.utils.parameters_to_vector(
+            list(single.model_.parameters()) + list(single.guide_.parameters())
+        )
+        torch.testing.assert_close(member, alone, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("particles", [1, 3])
+def test_stacked_mean_field_loss_is_each_members_negative_elbo(data, particles):
+    from bayes_mdn.fit import FitConfig, _make_loss
+    from bayes_mdn.stacked import StackedLoss
+
+    X, y = data
+    est = BayesianMDN(**FAST, n_members=2, guide="normal", bayesian="all")
+    est.n_components_ = 3
+    x = torch.as_tensor(X, dtype=torch.float32)
+    t = torch.as_tensor(y[:, None], dtype=torch.float32)
+    stats = (x.mean(0), x.std(0), t.mean(0), t.std(0))
+    with pyro_scope():
+        losses = []
+        for seed in (0, 1):
+            model, guide = est._build_model(1, 1, stats, seed)
+            loss = _make_loss(model, guide, FitConfig())
+            loss(x[:8], t[:8], subsample=torch.arange(8), n_total=len(x))
+            losses.append(loss)
+        stack = StackedLoss(losses, num_particles=particles)
+        xb, yb = torch.stack([x[:20], x[20:40]]), torch.stack([t[:20], t[20:40]])
+        with seeded(7):
+            got = stack(xb, yb, len(x))
+        with seeded(7):
+            eps = {
+                name: torch.randn(2, particles, *loc.shape[1:])
+                for name, loc in zip(stack.latent_names, stack.locs)
+            }
+    for m, loss in enumerate(losses):
+        model, guide = loss.model, loss.guide
+        elbos = []
+        for p in range(particles):
+            w, log_q = {}, 0.0
+            for name in model.latent_names:
+                loc = guide.locs.get_submodule(name.rsplit(".", 1)[0])
+                loc_t = getattr(loc, name.rsplit(".", 1)[1])
+                scale_m = guide.scales.get_submodule(name.rsplit(".", 1)[0])
+                scale_t = getattr(scale_m, name.rsplit(".", 1)[1])
+                w[name] = loc_t + eps[name][m, p] * scale_t
+                log_q = log_q + torch.distributions.Normal(loc_t, scale_t).log_prob(w[name]).sum()
+            log_lik = model.log_density(xb[m], yb[m], w).sum() * len(x) / 20
+            elbos.append(log_lik + model.log_prior(w) - log_q)
+        expected = -torch.stack(elbos).mean()
+        torch.testing.assert_close(got[m], expected, rtol=1e-5, atol=1e-3)
 
 
 def test_ensemble_of_map_members_needs_one_draw_each(data):
@@ -97,8 +171,10 @@ def test_bad_n_members():
 
 
 def test_members_in_worker_processes_give_the_same_fit(data):
+    # A low-rank guide cannot be stacked: its members are fitted one by one, in this
+    # process or in workers.
     X, y = data
-    kw = {**FAST, "n_members": 2}
+    kw = {**FAST, "n_members": 2, "guide": "lowrank"}
     serial = BayesianMDN(**kw).fit(X, y)
     parallel = BayesianMDN(**kw, n_jobs=2).fit(X, y)
     np.testing.assert_array_equal(serial.log_prob(X, y), parallel.log_prob(X, y))
@@ -121,7 +197,7 @@ def test_ensemble_save_and_load_round_trip(data, tmp_path):
 def test_ensemble_checkpoints_resume_member_by_member(data, tmp_path):
     X, y = data
     ck = tmp_path / "ck"
-    kw = {**FAST, "n_members": 2, "checkpoint": ck, "checkpoint_every": 2}
+    kw = {**FAST, "n_members": 2, "checkpoint": ck, "checkpoint_every": 2, "guide": "lowrank"}
     first = BayesianMDN(**kw).fit(X, y)
     assert sorted(p.name for p in tmp_path.glob("ck*")) == ["ck.member0", "ck.member1"]
     # Every member's loop is finished: resuming restores the same ensemble.
@@ -133,3 +209,43 @@ def test_ensemble_checkpoints_resume_member_by_member(data, tmp_path):
     # A changed setting is refused for the ensemble as for one fit.
     with pytest.raises(ValueError, match="other settings"):
         BayesianMDN(**{**kw, "lr": 0.02}, resume=True).fit(X, y)
+
+
+@pytest.mark.parametrize("guide", ["normal", "delta"])
+def test_stacked_resume_equals_uninterrupted_fit(data, tmp_path, monkeypatch, guide):
+    from bayes_mdn import fit as fit_module
+    from bayes_mdn import stacked
+
+    X, y = data
+    monkeypatch.setattr(fit_module, "EVAL_STEPS", 1)  # validate after every epoch
+    kw = {**FAST, "epochs": 7, "n_members": 3, "guide": guide, "patience": 2, "lr": 0.05}
+    reference = BayesianMDN(**kw).fit(X, y)
+
+    ck = tmp_path / "ck"
+    original = stacked._validation_scores
+    calls = {"n": 0}
+
+    def crash_at_the_fifth(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt("simulated crash")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(stacked, "_validation_scores", crash_at_the_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        BayesianMDN(**kw, checkpoint=ck, checkpoint_every=2).fit(X, y)
+    monkeypatch.setattr(stacked, "_validation_scores", original)
+    # One file holds every stacked member.
+    assert [p.name for p in tmp_path.glob("ck*")] == ["ck"]
+    resumed = BayesianMDN(**kw, checkpoint=ck, checkpoint_every=2, resume=True).fit(X, y)
+    np.testing.assert_array_equal(resumed.log_prob(X, y), reference.log_prob(X, y))
+    for a, b in zip(resumed.histories_, reference.histories_):
+        assert (a.train_loss, a.val_nll, a.best_epoch, a.stopped_early, a.steps) == (
+            b.train_loss,
+            b.val_nll,
+            b.best_epoch,
+            b.stopped_early,
+            b.steps,
+        )
+    with pytest.raises(ValueError, match="other settings"):
+        BayesianMDN(**{**kw, "lr": 0.02}, checkpoint=ck, resume=True).fit(X, y)
