@@ -144,7 +144,10 @@ def _add_fit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--components", type=_positive_int, help="mixture components K")
     p.add_argument("--members", type=_positive_int, help="ensemble members")
     p.add_argument(
-        "--jobs", type=int, help="worker processes fitting the members (-1: every core)"
+        "--jobs",
+        type=int,
+        help="worker processes fitting the members one by one (-1: every core); only for "
+        "--guide lowrank: delta and normal members train stacked in one process",
     )
     p.add_argument("--hidden", type=_hidden, help="hidden widths, e.g. 64,16")
     p.add_argument("--activation", choices=("tanh", "relu", "elu", "gelu", "silu"))

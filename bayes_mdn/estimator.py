@@ -154,7 +154,8 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
     n_members_ : int
         Members fitted (one with ``method="nuts"``).
     n_steps_ : int
-        Optimizer steps taken, all members together.
+        The members' optimizer steps added up (``sum(h.steps for h in histories_)``;
+        stacked members take theirs together, see ``n_members``).
     n_features_in_ : int
     feature_names_in_ : ndarray of str
         Only when X was a DataFrame with string column names.
