@@ -65,9 +65,10 @@ class FitConfig:
     patience : epochs without a better validation score before stopping; None never;
         ``"auto"``: the epochs that ``AUTO_PATIENCE_STEPS`` steps take (at least 3 validation
         checks). The validation score is computed every ``eval_every`` epochs: every
-        epoch when an epoch has at least ``EVAL_STEPS`` steps, else every
-        ceil(EVAL_STEPS / steps per epoch) epochs, so that small data sets are not
-        evaluated after every single step
+        epoch when an epoch has at least :meth:`eval_steps` steps, else every
+        ceil(eval_steps / steps per epoch) epochs, so that small data sets are not
+        evaluated after every single step and large held-out sets do not cost more than
+        about a tenth of the training
     val_draws : posterior draws used for the validation log predictive density
     input_noise : standard deviation of Gaussian noise added to each standardized input
         at every step, 0 for none. Noise regularization (Rothfuss et al., 2019) smooths
@@ -139,6 +140,19 @@ class FitConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def eval_steps(self, n_train: int, batch: int) -> int:
+        """Optimizer steps between validation checks: ``EVAL_STEPS``, or more where a
+        check (every held-out row under ``val_draws`` draws, forward only) would cost
+        more than about a tenth of the training steps between two checks (a row-draw of
+        a training step costs about five of a check's: forward, backward and update), and
+        at most a quarter of ``AUTO_PATIENCE_STEPS``, so that early stopping still sees
+        several checks."""
+        if self.val_fraction <= 0:
+            return EVAL_STEPS
+        n_val = n_train * self.val_fraction / (1 - self.val_fraction)
+        cost = 2 * n_val * self.val_draws / (batch * self.num_particles)
+        return max(EVAL_STEPS, min(AUTO_PATIENCE_STEPS // 4, math.ceil(cost)))
+
     def schedule(self, n_train: int) -> tuple[int, int, int, int | None]:
         """(batch rows, epochs, eval_every epochs, patience epochs) for ``n_train`` rows,
         with the ``"auto"`` settings resolved."""
@@ -148,7 +162,7 @@ class FitConfig:
             epochs = max(1, math.ceil(AUTO_STEPS / steps_per_epoch))
         else:
             epochs = int(self.epochs)
-        eval_every = max(1, math.ceil(EVAL_STEPS / steps_per_epoch))
+        eval_every = max(1, math.ceil(self.eval_steps(n_train, batch) / steps_per_epoch))
         if self.patience == "auto":
             patience: int | None = max(
                 3 * eval_every, math.ceil(AUTO_PATIENCE_STEPS / steps_per_epoch)

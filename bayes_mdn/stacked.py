@@ -125,14 +125,26 @@ class StackedLoss(nn.Module):
     def _constrained(self, part: nn.ParameterList, transforms: list) -> list[Tensor]:
         return [p if t is None else t(p) for p, t in zip(part, transforms)]
 
-    def forward(self, x: Tensor, y: Tensor, n_total: int) -> Tensor:
-        m, p = self.n_members, self.num_particles
+    def forward(
+        self, x: Tensor, y: Tensor, n_total: int, members: Tensor | None = None
+    ) -> Tensor:
+        """Negative ELBO of each member, shape (M,); with ``members`` (indices), of those
+        members only, x and y holding their batches in that order (the others get no
+        gradient and cost nothing)."""
+        p = self.num_particles
         weights: dict[str, Tensor] = {}
         latent: dict[str, Tensor] = {}
+
+        def pick(part: nn.ParameterList) -> list[Tensor]:
+            return list(part) if members is None else [t[members] for t in part]
+
+        m = self.n_members if members is None else len(members)
         log_q = x.new_zeros(m, p)
-        locs = self._constrained(self.locs, self.loc_transforms)
+        locs = [t if f is None else f(t) for t, f in zip(pick(self.locs), self.loc_transforms)]
         if self.mean_field:
-            scales = self._constrained(self.scales, self.scale_transforms)
+            scales = [
+                t if f is None else f(t) for t, f in zip(pick(self.scales), self.scale_transforms)
+            ]
             for name, loc, scale in zip(self.latent_names, locs, scales):
                 shape = (m, p, *loc.shape[1:])
                 eps = torch.empty(shape, dtype=loc.dtype, device=loc.device).normal_()
@@ -146,7 +158,7 @@ class StackedLoss(nn.Module):
                 latent[name] = value
         else:
             latent = {name: loc.unsqueeze(1) for name, loc in zip(self.latent_names, locs)}
-        for name, value in zip(self.point_names, self.point):
+        for name, value in zip(self.point_names, pick(self.point)):
             weights[name] = value if p == 1 else value.repeat_interleave(p, 0)
         for name, value in latent.items():
             weights[name] = value.flatten(0, 1)
@@ -304,12 +316,20 @@ def fit_stacked(
             perm = torch.rand(n_members, n, device=device).argsort(1)
             order = train_idx.gather(1, perm)
             epoch_losses = torch.empty(steps_per_epoch, n_members, device=device)
+            # Members that have stopped are left out of the steps: their best state is
+            # kept already, and what the optimizer does to their live slice is discarded.
+            live = None if all(active) else torch.tensor(
+                [m for m in range(n_members) if active[m]], device=device
+            )
+            if live is not None:
+                order = order[live]
+                epoch_losses.fill_(math.nan)
             for step in range(steps_per_epoch):
                 idx = order[:, step * batch : (step + 1) * batch]
                 x_batch = x[idx]
                 if config.input_noise > 0:
                     x_batch = x_batch + noise_scale * torch.randn_like(x_batch)
-                member_loss = stack(x_batch, y[idx], n)
+                member_loss = stack(x_batch, y[idx], n, live)
                 optimizer.zero_grad(set_to_none=True)
                 member_loss.sum().backward()
                 if max_grad_norm is not None:
@@ -317,7 +337,10 @@ def fit_stacked(
                 optimizer.step()
                 if scheduled:
                     scheduler.step()
-                epoch_losses[step] = member_loss.detach()
+                if live is None:
+                    epoch_losses[step] = member_loss.detach()
+                else:
+                    epoch_losses[step, live] = member_loss.detach()
             mean_loss = (epoch_losses.mean(0) / n).tolist()
             finite_params = torch.stack([torch.isfinite(p).flatten(1).all(1) for p in params])
             finite = [

@@ -217,7 +217,8 @@ def test_stacked_resume_equals_uninterrupted_fit(data, tmp_path, monkeypatch, gu
     from bayes_mdn import stacked
 
     X, y = data
-    monkeypatch.setattr(fit_module, "EVAL_STEPS", 1)  # validate after every epoch
+    # Validate after every epoch.
+    monkeypatch.setattr(fit_module.FitConfig, "eval_steps", lambda self, n, batch: 1)
     kw = {**FAST, "epochs": 7, "n_members": 3, "guide": guide, "patience": 2, "lr": 0.05}
     reference = BayesianMDN(**kw).fit(X, y)
 

@@ -120,6 +120,12 @@ def test_auto_schedule_counts_steps_not_epochs():
     batch, epochs, every, patience = config.schedule(1_000_000)
     assert (batch, epochs, every) == (500, -(-AUTO_STEPS // 2000), 1)
     assert patience == 3  # at least three validation checks
+    # 10,000 rows with 10% held out: a check of 1,000 rows x 16 draws costs several
+    # training steps, so checks are spaced out further than EVAL_STEPS.
+    with_split = FitConfig(val_fraction=0.1)
+    assert EVAL_STEPS < with_split.eval_steps(9000, 500) <= AUTO_PATIENCE_STEPS // 4
+    assert with_split.schedule(9000)[2] == -(-with_split.eval_steps(9000, 500) // 18)
+    assert with_split.eval_steps(120, 120) == EVAL_STEPS  # small data: the floor
     # Explicit settings win.
     assert FitConfig(epochs=7, patience=2).schedule(100)[1:] == (7, EVAL_STEPS, 2)
     with pytest.raises(ValueError, match="epochs"):

@@ -312,10 +312,11 @@ def test_nan_model_is_never_written(tmp_path):
 # -- checkpoint and resume -------------------------------------------------------------------
 @pytest.fixture
 def validate_every_epoch():
-    """Validation after every epoch (EVAL_STEPS = 1), so that a crash can be placed at any
-    epoch; held outside the test's own monkeypatch, which the resume tests undo."""
+    """Validation after every epoch (one step between checks), so that a crash can be
+    placed at any epoch; held outside the test's own monkeypatch, which the resume tests
+    undo."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(fit_module, "EVAL_STEPS", 1)
+        patch.setattr(fit_module.FitConfig, "eval_steps", lambda self, n, batch: 1)
         yield
 
 
