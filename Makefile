@@ -59,11 +59,12 @@ lint: setup
 
 benchmark: setup
 	$(PY) scripts/benchmark.py
+	$(PY) -m benchmarks.speed --rows 10000 100000 --repeats 3 --out docs/speed
 
 # Full real-data suite (issue #12): every model, every split; writes docs/real_data.{md,json,png}.
 # Cached per-split results in benchmarks/real_data_cache.json are reused where still valid.
 benchmark-real: $(VENV)/.installed-benchmark
-	$(PY) -m benchmarks.real_data --out docs
+	$(PY) -m benchmarks.real_data --splits 5 --out docs
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) .venv312 $(OUT) .pytest_cache

@@ -154,6 +154,11 @@ def _add_fit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bayesian", choices=("none", "last", "all"))
     p.add_argument("--guide", choices=("delta", "normal", "lowrank"))
     p.add_argument(
+        "--prior-function",
+        type=float,
+        help="scale of each member's randomized prior function, in sds of y (0: none)",
+    )
+    p.add_argument(
         "--epochs", type=_positive_int, help="maximum epochs (default: a budget in steps)"
     )
     p.add_argument("--batch-size", type=_positive_int, help="mini-batch size")
@@ -225,6 +230,7 @@ def _run_fit(args: argparse.Namespace) -> int:
         "activation": args.activation,
         "bayesian": args.bayesian,
         "guide": "delta" if args.bayesian == "none" else args.guide,
+        "prior_function": args.prior_function,
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "lr": args.lr,

@@ -95,6 +95,16 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         Floor on component standard deviations, in standardized units of y. It stops
         components from collapsing onto single points; keep it below the narrowest
         feature of p(y | x) (0.02 is 2 % of the target's spread).
+    prior_function : float
+        Scale of each member's randomized prior function (Osband et al., 2018), in
+        standard deviations of y; 0 for none. Every member adds to its component means a
+        fixed random network of its own (same widths and activation, never trained; see
+        :class:`~bayes_mdn.nets.MixtureDensityNetwork`). In the data the trained network
+        cancels it; where there are no data it stays, so the members of an ensemble
+        disagree there: a prior over functions that a last-layer posterior lacks. On the
+        data-with-a-hole problem of notebook 02, 0.5 raised the 90 % interval's coverage
+        in the hole from about 0.76 to about 0.90 (three seeds) with coverage and NLL in
+        the data unchanged (docs/defaults.md).
     init_scale : float
         Initial posterior standard deviation of the Gaussian guides; their means start at
         the network's initialization.
@@ -191,6 +201,7 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         covariance: Literal["diagonal", "full"] = "diagonal",
         prior_scale: float = 32.0,
         min_scale: float = 0.02,
+        prior_function: float = 0.5,
         init_scale: float = 1e-3,
         rank: int | None = None,
         epochs: int | Literal["auto"] = "auto",
@@ -229,6 +240,7 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         self.covariance = covariance
         self.prior_scale = prior_scale
         self.min_scale = min_scale
+        self.prior_function = prior_function
         self.init_scale = init_scale
         self.rank = rank
         self.epochs = epochs
@@ -304,6 +316,9 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and np.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        value = self.prior_function
+        if not (isinstance(value, (int, float)) and np.isfinite(value) and value >= 0):
+            raise ValueError(f"prior_function must be a finite number >= 0, got {value!r}")
         if self.bayesian == "none" and self.guide != "delta":
             raise ValueError(
                 f"guide={self.guide!r} needs latent weights, but bayesian='none' makes every "
@@ -516,6 +531,7 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
                 activation=self.activation,
                 covariance=self.covariance,
                 min_scale=self.min_scale,
+                prior_function=self.prior_function,
             ).to(device=device, dtype=dtype)
         x_loc, x_scale, y_loc, y_scale = stats
         model = MixtureDensityModel(
@@ -638,8 +654,7 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
 
         ``sampler="predictive"`` draws through ``pyro.infer.Predictive``; ``"direct"`` calls
         the same sampler without Pyro's tracing (see
-        :func:`bayes_mdn.predict.sample_predictive`). Either takes about 1.5 s for 1,000
-        draws at 10,000 points on one CPU core.
+        :func:`bayes_mdn.predict.sample_predictive`); docs/benchmarks.md times both.
         """
         x = self._x(X)
         s = _predict.sample_predictive(

@@ -86,8 +86,7 @@ class FitConfig:
     num_threads : torch intra-op threads while fitting on the CPU (restored afterwards);
         None leaves torch's setting alone. MDN-sized steps are too small to gain from
         splitting each operation across cores, and lose badly when another process
-        holds a core: 20 epochs of the default model on 5,000 rows took 1.7 s with one
-        thread and 28 s with two on a busy 2-core machine.
+        holds a core (measured in docs/notes.md).
     """
 
     epochs: int | Literal["auto"] = "auto"
@@ -988,12 +987,9 @@ def fit_nuts(
     fragile with module-local Pyro parameters and gain nothing on a 2-core machine.
 
     Cost: every NUTS step evaluates the full-data gradient up to ``2**max_tree_depth``
-    times, through Pyro's tracing (milliseconds per evaluation even for tiny nets).
-    Measured on 2 shared CPU cores, 2 chains: a 1-16 net with K = 3, every layer latent,
-    200 points, 100 + 100 steps, depth 5: 61 s; a 1-4 net with K = 1, output layer
-    latent, 80 points, 150 + 150 steps, depth 4: 44 s (R-hat of the total log-likelihood
-    1.01). FIELD-NOTES: a tiny 2-layer net at 2 x (200 + 200) takes about 30 s at depth 5
-    and about 590 s at the default depth 10. Cost grows with data size times tree size,
+    times, through Pyro's tracing (milliseconds per evaluation even for tiny nets), so
+    a depth of 10 costs about 30 times a depth of 5 (measured times:
+    docs/notes.md). Cost grows with data size times tree size,
     and multimodal mixture posteriors mix slowly (a K = 2 fit on the inverse-sine problem
     had a bulk ESS of 7 in 300 draws), so beyond a few hundred latent weights or a few
     thousand points NUTS stops being practical here: use SVI and check it with the PSIS

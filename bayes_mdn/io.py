@@ -170,6 +170,8 @@ def _estimator(header: dict[str, Any], device_name: str) -> tuple[BayesianMDN, i
     params = dict(header["params"])
     # Files written before ensembles (version 0.1) hold one fit and no n_members.
     params.setdefault("n_members", 1)
+    # Files written before randomized prior functions hold networks without one.
+    params.setdefault("prior_function", 0.0)
     valid = set(BayesianMDN._param_names())
     unknown = sorted(set(params) - valid)
     if unknown:

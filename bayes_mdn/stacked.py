@@ -112,11 +112,27 @@ class StackedLoss(nn.Module):
         self.point = stack(0)
         self.locs = stack(1)
         self.scales = stack(2)
+        # Fixed tensors that differ by member (a randomized prior function's weights):
+        # stacked too, so that each member keeps its own; not trained, not in the state.
+        nets = [loss.model.net for loss in losses]
+        self.fixed_names = [
+            name
+            for name, p in nets[0].named_parameters()
+            if not p.requires_grad and name not in losses[0].model.latent_shapes
+        ]
+        for i, name in enumerate(self.fixed_names):
+            value = torch.stack([net.get_parameter(name).detach() for net in nets])
+            self.register_buffer(f"_fixed_{i}", value, persistent=False)
 
     @property
     def model(self) -> MixtureDensityModel:
         """The first member's model, which evaluates every member's stacked weights."""
         return self._model[0]
+
+    @property
+    def fixed(self) -> list[Tensor]:
+        """The stacked fixed tensors, one per name of ``fixed_names``."""
+        return [getattr(self, f"_fixed_{i}") for i in range(len(self.fixed_names))]
 
     @property
     def n_members(self) -> int:
@@ -125,9 +141,7 @@ class StackedLoss(nn.Module):
     def _constrained(self, part: nn.ParameterList, transforms: list) -> list[Tensor]:
         return [p if t is None else t(p) for p, t in zip(part, transforms)]
 
-    def forward(
-        self, x: Tensor, y: Tensor, n_total: int, members: Tensor | None = None
-    ) -> Tensor:
+    def forward(self, x: Tensor, y: Tensor, n_total: int, members: Tensor | None = None) -> Tensor:
         """Negative ELBO of each member, shape (M,); with ``members`` (indices), of those
         members only, x and y holding their batches in that order (the others get no
         gradient and cost nothing)."""
@@ -135,7 +149,7 @@ class StackedLoss(nn.Module):
         weights: dict[str, Tensor] = {}
         latent: dict[str, Tensor] = {}
 
-        def pick(part: nn.ParameterList) -> list[Tensor]:
+        def pick(part: Sequence[Tensor]) -> list[Tensor]:
             return list(part) if members is None else [t[members] for t in part]
 
         m = self.n_members if members is None else len(members)
@@ -158,7 +172,9 @@ class StackedLoss(nn.Module):
                 latent[name] = value
         else:
             latent = {name: loc.unsqueeze(1) for name, loc in zip(self.latent_names, locs)}
-        for name, value in zip(self.point_names, pick(self.point)):
+        for name, value in zip(
+            [*self.point_names, *self.fixed_names], pick(self.point) + pick(self.fixed)
+        ):
             weights[name] = value if p == 1 else value.repeat_interleave(p, 0)
         for name, value in latent.items():
             weights[name] = value.flatten(0, 1)
@@ -175,7 +191,10 @@ class StackedLoss(nn.Module):
         """Member ``member``'s weights: every point estimate and, per latent site, its
         location (MAP) or ``loc + eps * scale`` for the given standard normals of shape
         (S, *site_shape) (mean field)."""
-        weights = {name: p[member] for name, p in zip(self.point_names, self.point)}
+        weights = {
+            name: p[member]
+            for name, p in zip([*self.point_names, *self.fixed_names], [*self.point, *self.fixed])
+        }
         locs = self._constrained(self.locs, self.loc_transforms)
         if self.mean_field and eps is not None:
             scales = self._constrained(self.scales, self.scale_transforms)
@@ -318,8 +337,10 @@ def fit_stacked(
             epoch_losses = torch.empty(steps_per_epoch, n_members, device=device)
             # Members that have stopped are left out of the steps: their best state is
             # kept already, and what the optimizer does to their live slice is discarded.
-            live = None if all(active) else torch.tensor(
-                [m for m in range(n_members) if active[m]], device=device
+            live = (
+                None
+                if all(active)
+                else torch.tensor([m for m in range(n_members) if active[m]], device=device)
             )
             if live is not None:
                 order = order[live]
@@ -384,8 +405,10 @@ def fit_stacked(
                 with torch.no_grad():
                     for key, value in live_state.items():
                         best_state[key].copy_(value)
+            # Members that stopped before this epoch have no loss in it (NaN).
+            live_losses = [v for v in mean_loss if math.isfinite(v)]
             bar.set_postfix(
-                loss=f"{sum(mean_loss) / n_members:.4f}",
+                loss=f"{sum(live_losses) / max(len(live_losses), 1):.4f}",
                 active=sum(active),
                 refresh=False,
             )

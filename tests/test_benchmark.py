@@ -64,3 +64,22 @@ def test_benchmark_help_and_bad_section(capsys):
     with pytest.raises(SystemExit) as bad:
         benchmark.main(["--sections", "steps"])
     assert bad.value.code == 2 and "--sections" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_end_to_end_speed_benchmark_runs(tmp_path, monkeypatch):
+    """benchmarks/speed.py times the library's own fit and the hand-written loop doing
+    the same members and steps (no timing is asserted, only that both ran)."""
+    from bayes_mdn import fit as fit_module
+    from benchmarks import speed
+
+    # A short automatic budget: the default fit, in a few seconds.
+    monkeypatch.setattr(fit_module, "AUTO_STEPS", 200)
+    monkeypatch.setattr(fit_module, "AUTO_PATIENCE_STEPS", 100)
+
+    assert speed.main(["--rows", "300", "--repeats", "1", "--out", str(tmp_path / "s")]) == 0
+    result = json.loads((tmp_path / "s.json").read_text())
+    (row,) = result["rows"]
+    assert row["rows"] == 300 and row["library_seconds"] > 0 and row["hand_written_seconds"] > 0
+    assert len(row["member_steps"][0]) == 5 and min(row["member_steps"][0]) > 0
+    assert "| 300 |" in (tmp_path / "s.md").read_text()

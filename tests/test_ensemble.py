@@ -192,6 +192,13 @@ def test_ensemble_save_and_load_round_trip(data, tmp_path):
     assert [h.steps for h in back.histories_] == [h.steps for h in ens.histories_]
     np.testing.assert_array_equal(back.log_prob(X, y), ens.log_prob(X, y))
     np.testing.assert_array_equal(back.sample(X[:4], 5, seed=2), ens.sample(X[:4], 5, seed=2))
+    # Each member keeps its own randomized prior function (the default), and the file
+    # keeps them.
+    priors = [dict(m.net.prior.named_parameters()) for m in back.guide_.models]
+    assert not torch.equal(priors[0]["0.weight"], priors[1]["0.weight"])
+    for m, member in enumerate(ens.guide_.models):
+        for name, value in member.net.prior.named_parameters():
+            torch.testing.assert_close(priors[m][name], value, rtol=0, atol=0)
 
 
 def test_ensemble_checkpoints_resume_member_by_member(data, tmp_path):

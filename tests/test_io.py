@@ -220,10 +220,25 @@ def test_unknown_parameter_in_file_is_refused(tmp_path, saved):
         load(tmp_path / "newer", device="cpu")
 
 
+def test_file_from_before_prior_functions_loads(tmp_path):
+    """Files written before ``prior_function`` existed hold no such parameter and no
+    ``prior.*`` tensors: they load as networks without a prior function."""
+    X, y = _data()
+    mdn = _tiny(prior_function=0.0).fit(X, y)
+    mdn.save(tmp_path / "new")
+    header = read_archive(tmp_path / "new", "model", FORMAT_VERSION)
+    del header["params"]["prior_function"]
+    write_archive(tmp_path / "old", "model", FORMAT_VERSION, header)
+    back = load(tmp_path / "old", device="cpu")
+    assert back.prior_function == 0.0
+    np.testing.assert_array_equal(back.log_prob(X, y), mdn.log_prob(X, y))
+
+
 @pytest.mark.parametrize(
     ("section", "key", "value"),
     [
         ("params", "n_components", 7),
+        ("params", "prior_function", 0.0),
         ("params", "bayesian", "quantum"),
         ("fitted", "n_outputs_", 2),
     ],

@@ -54,6 +54,8 @@ def test_gradients_reach_every_parameter(covariance):
         ({"activation": "sigmoidish"}, "activation"),
         ({"covariance": "banded"}, "covariance"),
         ({"min_scale": 0.0}, "min_scale"),
+        ({"prior_function": -1.0}, "prior_function"),
+        ({"prior_function": float("nan")}, "prior_function"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -141,3 +143,48 @@ def test_batched_linear_matches_per_draw_linear(x_shape, w_batch):
         xi = x if x.dim() == 2 else x[i % len(x)]
         j = i % w_batch
         torch.testing.assert_close(out[i], torch.nn.functional.linear(xi, weight[j], bias[j]))
+
+
+@pytest.mark.parametrize("hidden", [(), (8, 4)])
+def test_prior_function_moves_only_the_means_and_is_never_trained(hidden):
+    torch.manual_seed(0)
+    plain = MixtureDensityNetwork(2, 2, 3, hidden)
+    torch.manual_seed(0)
+    net = MixtureDensityNetwork(2, 2, 3, hidden, prior_function=0.7)
+    # The trained network is drawn first, so the same seed gives the same one.
+    shared = dict(plain.named_parameters())
+    for name, param in net.named_parameters():
+        if name.startswith("prior."):
+            assert not param.requires_grad
+        else:
+            torch.testing.assert_close(param, shared[name])
+    x = torch.randn(6, 2)
+    a, b = plain(x), net(x)
+    torch.testing.assert_close(a.logits, b.logits)
+    torch.testing.assert_close(a.scale, b.scale)
+    # The means move by 0.7 times the fixed network's output.
+    h = x
+    for i, layer in enumerate(net.prior):
+        h = layer(h)
+        if i < len(net.prior) - 1:
+            h = torch.relu(h)
+    torch.testing.assert_close(b.loc - a.loc, 0.7 * h.reshape(6, 3, 2))
+    assert (b.loc - a.loc).abs().max() > 0.01
+
+
+def test_prior_function_is_the_same_on_every_evaluation_path():
+    """raw (the losses), head_by_rows (densities, sampling) and batched weights agree."""
+    torch.manual_seed(1)
+    net = MixtureDensityNetwork(1, 1, 3, (6, 5), prior_function=0.5)
+    x, z = torch.randn(9, 1), torch.randn(9, 1)
+    draws = {
+        name: p.detach() + 0.1 * torch.randn(4, *p.shape) for name, p in net.named_parameters()
+    }
+    p = net(x, draws)
+    comp = torch.distributions.Normal(p.loc[..., 0], p.scale[..., 0]).log_prob(z)
+    expected = torch.logsumexp(torch.log_softmax(p.logits, -1) + comp, -1)
+    rows = torch.cat([lp for _, lp in net.log_prob_by_rows(x, z, draws, max_elements=40)], -1)
+    torch.testing.assert_close(rows, expected)
+    for s in range(4):
+        single = net(x, {k: v[s] for k, v in draws.items()})
+        torch.testing.assert_close(single.loc, p.loc[s])
