@@ -89,8 +89,8 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         latent bias Normal(0, prior_scale). The default is weak on purpose, for data sets of
         thousands of rows: on the inverse-sine problem (5,000 rows) narrower priors (1 to 8)
         shrink the output layer and cost 0.02 to 0.14 nats of test NLL. On a few hundred
-        rows the prior matters more: there a unit prior (``prior_scale=1``) keeps the
-        output layer from chasing single points (see notebook 03).
+        rows a unit prior (``prior_scale=1``) can help (Old Faithful, measured without
+        prior functions: docs/defaults.md); notebook 03 compares models under one.
     min_scale : float
         Floor on component standard deviations, in standardized units of y. It stops
         components from collapsing onto single points; keep it below the narrowest

@@ -326,3 +326,18 @@ def test_outputs_never_overwrite_inputs(
     assert main(argv) == 2
     assert "--model" in _one_line_error(capsys, "bayes-mdn fit")
     assert (data.read_bytes(), small_model.read_bytes()) == before
+
+
+def test_fit_passes_the_prior_function(faithful_csv: Path, tmp_path: Path) -> None:
+    from bayes_mdn import load
+
+    argv = ["fit", "--csv", str(faithful_csv), "--x", "waiting", "--y", "eruptions"]
+    for value in ("0", "0.25"):
+        path = tmp_path / f"pf{value}.bmdn"
+        assert main([*argv, "--model", str(path), "--prior-function", value, *TINY]) == 0
+        mdn = load(path, device="cpu")
+        assert mdn.prior_function == float(value)
+        assert (mdn.model_.net.prior is None) == (value == "0")
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--model", str(tmp_path / "bad.bmdn"), "--prior-function", "x", *TINY])
+    assert exit_info.value.code == 2
