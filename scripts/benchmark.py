@@ -579,6 +579,11 @@ def markdown(result: dict) -> str:
         + ". The machine is shared with other users' jobs: every timing is the median of "
         "repeated runs interleaved across the variants it is compared with (A, B, A, B, "
         "...), so that load drift hits them alike; absolute times are noisy, ratios less so.",
+        "",
+        "These are per-step and per-prediction timings. The whole default `fit` (a stacked "
+        "ensemble with early stopping) against a hand-written loop doing the same work is "
+        "in [`speed.md`](speed.md) (`python -m benchmarks.speed`); measured notes that "
+        "docstrings used to quote are in [`notes.md`](notes.md).",
     ]
     if "step" in result:
         lines += [
