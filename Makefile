@@ -14,7 +14,7 @@ LOCK ?= requirements/ci.txt
 PY := $(VENV)/bin/python
 OUT ?= demo_output
 
-.PHONY: setup demo test test-fast test-latest test-arviz1 lint benchmark benchmark-real clean
+.PHONY: setup demo test test-fast test-latest test-arviz1 lint benchmark benchmark-real benchmark-numpyro clean
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,10 @@ benchmark: setup
 # Cached per-split results in benchmarks/real_data_cache.json are reused where still valid.
 benchmark-real: $(VENV)/.installed-benchmark
 	$(PY) -m benchmarks.real_data --splits 5 --out docs
+
+# One network per step against NumPyro (issue #17): 10^6 rows, 10 epochs; needs the benchmark extra.
+benchmark-numpyro: $(VENV)/.installed-benchmark
+	$(PY) -m benchmarks.numpyro_speed --rows 1000000 --epochs 10 --out docs/numpyro_speed
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) .venv312 $(OUT) .pytest_cache

@@ -83,3 +83,33 @@ def test_end_to_end_speed_benchmark_runs(tmp_path, monkeypatch):
     assert row["rows"] == 300 and row["library_seconds"] > 0 and row["hand_written_seconds"] > 0
     assert len(row["member_steps"][0]) == 5 and min(row["member_steps"][0]) > 0
     assert "| 300 |" in (tmp_path / "s.md").read_text()
+
+
+def test_numpyro_speed_report_and_crossover():
+    """The NumPyro comparison's report, on a made-up result (NumPyro itself is an optional
+    benchmark dependency): the crossover is NumPyro's fixed cost over the time it saves."""
+    from benchmarks.numpyro_speed import _crossover, markdown
+
+    lib = {"seconds": 30.0, "steps": 20_000, "ms_per_step": 1.5}
+    numpyro = {
+        "seconds": 35.0,
+        "setup_seconds": 10.0,
+        "compile_seconds": 2.0,
+        "steps": 20_000,
+        "ms_per_step": 1.75,
+        "ms_per_step_running": 1.0,
+    }
+    assert "24,000 steps" in _crossover(lib, numpyro)  # 12 s / 0.5 ms
+    assert "not faster" in _crossover(lib, {**numpyro, "ms_per_step_running": 2.0})
+    meta = {
+        "rows": 10,
+        "epochs": 1,
+        "machine": "m",
+        "torch": "t",
+        "numpyro": "n",
+        "jax": "j",
+        "load_at_start": 0,
+        "load_at_end": 0,
+    }
+    text = markdown({"meta": meta, "bayes_mdn": lib, "numpyro": numpyro})
+    assert "| 1.50 |" in text and "0.86" in text  # 1.5 / 1.75
