@@ -317,7 +317,9 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
             if not (isinstance(value, (int, float)) and np.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
         value = self.prior_function
-        if not (isinstance(value, (int, float)) and np.isfinite(value) and value >= 0):
+        if isinstance(value, bool) or not (
+            isinstance(value, (int, float)) and np.isfinite(value) and value >= 0
+        ):
             raise ValueError(f"prior_function must be a finite number >= 0, got {value!r}")
         if self.bayesian == "none" and self.guide != "delta":
             raise ValueError(

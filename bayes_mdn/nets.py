@@ -159,7 +159,9 @@ class MixtureDensityNetwork(nn.Module):
             raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
         if not min_scale > 0:
             raise ValueError(f"min_scale must be > 0, got {min_scale!r}")
-        if not (isinstance(prior_function, (int, float)) and 0 <= prior_function < math.inf):
+        if isinstance(prior_function, bool) or not (
+            isinstance(prior_function, (int, float)) and 0 <= prior_function < math.inf
+        ):
             raise ValueError(
                 f"prior_function must be a finite number >= 0, got {prior_function!r}"
             )
