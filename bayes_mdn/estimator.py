@@ -14,6 +14,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor
 
 from . import predict as _predict
+from ._archive import write_archive
 from ._utils import pyro_scope, resolve_device, seeded
 from ._validation import (
     as_2d_float,
@@ -40,6 +41,11 @@ __all__ = ["BayesianMDN", "auto_components"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 METHODS = ("svi", "nuts")
+#: Kind and layout version of the model files ``save`` writes and :func:`bayes_mdn.load`
+#: reads; the version is bumped whenever a file of the old layout could not be read
+#: correctly by the new code.
+MODEL_FILE_KIND = "model"
+MODEL_FORMAT_VERSION = 1
 
 
 class BayesianMDN(RegressorMixin, BaseEstimator):
@@ -506,10 +512,46 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
     # -- persistence -----------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write this fitted estimator to ``path`` atomically; read it with
-        :func:`bayes_mdn.load`. See :func:`bayes_mdn.io.save`."""
-        from .io import save
+        :func:`bayes_mdn.load`.
 
-        save(self, path)
+        The file is a bayes_mdn archive (safetensors, no pickle): a JSON header with the
+        constructor arguments, the fitted metadata, the library and format versions, and
+        the model's and guide's tensors. Parent folders are created; an existing file is
+        replaced only once the new one is completely written.
+
+        Raises
+        ------
+        NotFittedError
+            Before ``fit``.
+        TypeError
+            When ``path`` is not a str or os.PathLike.
+        ValueError
+            When a parameter holds NaN or infinite values (nothing is written).
+        """
+        from . import __version__
+
+        self._check_fitted()
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+        params = self.get_params()
+        if params.get("checkpoint") is not None:
+            params["checkpoint"] = os.fspath(params["checkpoint"])
+        header = {
+            "library_version": __version__,
+            "params": params,
+            "fitted": {
+                "n_features_in_": self.n_features_in_,
+                "n_outputs_": self.n_outputs_,
+                "y_1d": bool(self._y_1d),
+                "history": self.history_.to_dict(),
+                "histories": [h.to_dict() for h in self.histories_],
+                "n_components_": self.n_components_,
+                "feature_names_in_": [str(c) for c in getattr(self, "feature_names_in_", [])],
+            },
+            "model": dict(self.model_.state_dict()),
+            "guide": dict(self.guide_.state_dict()),
+        }
+        write_archive(path, MODEL_FILE_KIND, MODEL_FORMAT_VERSION, header)
 
     def _build_model(
         self,

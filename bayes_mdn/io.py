@@ -16,23 +16,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._archive import ModelFileError, TensorSpec, read_archive, write_archive
+from ._archive import ModelFileError, TensorSpec, read_archive
 from ._utils import pyro_scope, resolve_device, seeded
-from .estimator import DTYPES, BayesianMDN
+from .estimator import DTYPES, MODEL_FILE_KIND, MODEL_FORMAT_VERSION, BayesianMDN
 from .fit import FitHistory
 from .guides import EnsembleGuide
 from .model import MixtureDensityModel
 
 __all__ = ["FORMAT_VERSION", "ModelFileError", "load", "save"]
 
-#: Version of the model file layout; bumped whenever a file of the old layout
-#: could not be read correctly by the new code.
-FORMAT_VERSION = 1
-_KIND = "model"
+# The file's kind and layout version live with the writer (BayesianMDN.save), so that data
+# flows one way: this module reads what the estimator writes and imports it, never the
+# reverse.
+FORMAT_VERSION = MODEL_FORMAT_VERSION
+_KIND = MODEL_FILE_KIND
 
 
 def save(estimator: BayesianMDN, path: str | os.PathLike[str]) -> None:
-    """Write a fitted estimator to ``path`` atomically.
+    """Write a fitted estimator to ``path`` atomically: :meth:`BayesianMDN.save`.
 
     Parameters
     ----------
@@ -42,7 +43,9 @@ def save(estimator: BayesianMDN, path: str | os.PathLike[str]) -> None:
 
     Raises
     ------
-    RuntimeError
+    TypeError
+        When ``estimator`` is not a BayesianMDN, or ``path`` not a str or os.PathLike.
+    NotFittedError
         When the estimator is not fitted.
     ValueError
         When a parameter holds NaN or infinite values (nothing is written).
@@ -59,32 +62,9 @@ def save(estimator: BayesianMDN, path: str | os.PathLike[str]) -> None:
     >>> bool((load(path, device="cpu").predict(X[:5]) == mdn.predict(X[:5])).all())
     True
     """
-    from . import __version__
-
     if not isinstance(estimator, BayesianMDN):
         raise TypeError(f"estimator must be a BayesianMDN, got {type(estimator).__name__}")
-    estimator._check_fitted()
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-    params = estimator.get_params()
-    if params.get("checkpoint") is not None:
-        params["checkpoint"] = os.fspath(params["checkpoint"])
-    header = {
-        "library_version": __version__,
-        "params": params,
-        "fitted": {
-            "n_features_in_": estimator.n_features_in_,
-            "n_outputs_": estimator.n_outputs_,
-            "y_1d": bool(estimator._y_1d),
-            "history": estimator.history_.to_dict(),
-            "histories": [h.to_dict() for h in estimator.histories_],
-            "n_components_": estimator.n_components_,
-            "feature_names_in_": [str(c) for c in getattr(estimator, "feature_names_in_", [])],
-        },
-        "model": dict(estimator.model_.state_dict()),
-        "guide": dict(estimator.guide_.state_dict()),
-    }
-    write_archive(path, _KIND, FORMAT_VERSION, header)
+    estimator.save(path)
 
 
 def load(path: str | os.PathLike[str], device: str | torch.device = "auto") -> BayesianMDN:
