@@ -244,24 +244,28 @@ class MixtureDensityNetwork(nn.Module):
         """The randomized prior function, placed in the component-mean columns of the
         output layer (zeros elsewhere): shape (B?, n, ``n_outputs``)."""
         assert self.prior is not None
-        h = x
-        last = len(self.prior) - 1
-        for i, layer in enumerate(self.prior):
-            w = weights.get(f"prior.{i}.weight", layer.weight)
-            b = weights.get(f"prior.{i}.bias", layer.bias)
-            h = _linear(h, w, b)
-            if i < last:
-                h = self.activation(h)
+        *hidden, out = self.prior
+        h = self._layers(x, "prior", hidden, weights)
+        name = f"prior.{len(hidden)}"
+        h = _linear(
+            h, weights.get(f"{name}.weight", out.weight), weights.get(f"{name}.bias", out.bias)
+        )
         k = self.n_components
         return F.pad(self.prior_function * h, (k, self.n_outputs - k - h.shape[-1]))
 
     def features(self, x: Tensor, weights: Mapping[str, Tensor] | None = None) -> Tensor:
         """The last hidden layer's output (the head's input), shape (B?, n, width)."""
-        weights = weights or {}
-        h = x
-        for name, layer in zip(self.layer_names[:-1], self.hidden):
-            w = weights.get(f"{name}.weight", layer.weight)
-            b = weights.get(f"{name}.bias", layer.bias)
+        return self._layers(x, "hidden", self.hidden, weights or {})
+
+    def _layers(
+        self, h: Tensor, prefix: str, layers: Sequence[nn.Linear], weights: Mapping[str, Tensor]
+    ) -> Tensor:
+        """``layers`` (named ``<prefix>.<i>``) each followed by the activation, with any
+        replacement weights from ``weights``: the hidden part of the trained network and
+        of the prior function."""
+        for i, layer in enumerate(layers):
+            w = weights.get(f"{prefix}.{i}.weight", layer.weight)
+            b = weights.get(f"{prefix}.{i}.bias", layer.bias)
             h = self.activation(_linear(h, w, b))
         return h
 

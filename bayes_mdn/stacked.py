@@ -138,7 +138,7 @@ class StackedLoss(nn.Module):
     def n_members(self) -> int:
         return len(self.members)
 
-    def _constrained(self, part: nn.ParameterList, transforms: list) -> list[Tensor]:
+    def _constrained(self, part: Sequence[Tensor], transforms: list) -> list[Tensor]:
         return [p if t is None else t(p) for p, t in zip(part, transforms)]
 
     def forward(self, x: Tensor, y: Tensor, n_total: int, members: Tensor | None = None) -> Tensor:
@@ -154,11 +154,9 @@ class StackedLoss(nn.Module):
 
         m = self.n_members if members is None else len(members)
         log_q = x.new_zeros(m, p)
-        locs = [t if f is None else f(t) for t, f in zip(pick(self.locs), self.loc_transforms)]
+        locs = self._constrained(pick(self.locs), self.loc_transforms)
         if self.mean_field:
-            scales = [
-                t if f is None else f(t) for t, f in zip(pick(self.scales), self.scale_transforms)
-            ]
+            scales = self._constrained(pick(self.scales), self.scale_transforms)
             for name, loc, scale in zip(self.latent_names, locs, scales):
                 shape = (m, p, *loc.shape[1:])
                 eps = torch.empty(shape, dtype=loc.dtype, device=loc.device).normal_()
