@@ -18,10 +18,8 @@ dependencies (``pip install numpyro``).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -33,6 +31,8 @@ import numpy as np
 import torch
 
 from bayes_mdn import BayesianMDN, make_inverse_sine
+
+from ._report import emit, machine
 
 __all__ = ["main", "time_bayes_mdn", "time_numpyro"]
 
@@ -200,26 +200,19 @@ def main(argv: list[str] | None = None) -> int:
     import numpyro
 
     X, y = make_inverse_sine(args.rows, seed=0)
-    load0 = os.getloadavg()[0]
     result = {
         "meta": {
             "rows": args.rows,
             "epochs": args.epochs,
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU(s)",
-            "torch": torch.__version__,
+            **machine(),
             "numpyro": numpyro.__version__,
             "jax": jax.__version__,
-            "load_at_start": round(load0, 2),
         },
         "numpyro": time_numpyro(X, y, args.epochs),
         "bayes_mdn": time_bayes_mdn(X, y, args.epochs),
     }
     result["meta"]["load_at_end"] = round(os.getloadavg()[0], 2)
-    text = markdown(result)
-    print(text)
-    if args.out is not None:
-        args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-        args.out.with_suffix(".md").write_text(text)
+    emit(result, markdown(result), args.out)
     return 0
 
 

@@ -22,10 +22,8 @@ both. Both run on one torch thread.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -37,6 +35,8 @@ from torch.nn import functional as F
 
 from bayes_mdn import BayesianMDN, make_inverse_sine
 from bayes_mdn.fit import FitConfig
+
+from ._report import emit, machine
 
 __all__ = ["hand_written_fit", "main", "run"]
 
@@ -143,7 +143,7 @@ def hand_written_fit(
 
 def run(rows: list[int], repeats: int) -> dict:
     torch.set_num_threads(1)
-    load0 = os.getloadavg()[0]
+    meta = machine()
     results = []
     for n in rows:
         X, y = make_inverse_sine(n, seed=0)
@@ -180,10 +180,8 @@ def run(rows: list[int], repeats: int) -> dict:
         )
     return {
         "meta": {
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU(s)",
-            "torch": torch.__version__,
+            **meta,
             "threads": 1,
-            "load_at_start": round(load0, 2),
             "load_at_end": round(os.getloadavg()[0], 2),
             "repeats": repeats,
         },
@@ -228,11 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1 or any(n < 20 for n in args.rows):
         parser.error("--repeats must be >= 1 and every --rows >= 20")
     result = run(args.rows, args.repeats)
-    text = markdown(result)
-    print(text)
-    if args.out is not None:
-        args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-        args.out.with_suffix(".md").write_text(text)
+    emit(result, markdown(result), args.out)
     return 0
 
 

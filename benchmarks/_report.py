@@ -1,0 +1,29 @@
+"""What the timing benchmarks (``speed``, ``numpyro_speed``) share: the machine they ran
+on, and writing a result as ``<out>.json`` and ``<out>.md``."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+
+def machine() -> dict:
+    """Machine, torch version and load average when a run starts."""
+    return {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU(s)",
+        "torch": torch.__version__,
+        "load_at_start": round(os.getloadavg()[0], 2),
+    }
+
+
+def emit(result: dict, text: str, out: Path | None) -> None:
+    """Print the report; with ``out``, also write ``<out>.json`` (the result) and
+    ``<out>.md`` (the report)."""
+    print(text)
+    if out is not None:
+        out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+        out.with_suffix(".md").write_text(text)
