@@ -13,6 +13,7 @@ from .guides import make_guide
 from .io import ModelFileError, load
 from .model import MixtureDensityModel
 from .nets import MixtureDensityNetwork, MixtureParams
+from .sources import LoaderSource, ParquetSource
 
 __version__ = "0.1.0"
 
@@ -20,10 +21,12 @@ __all__ = [
     "BayesianMDN",
     "FitConfig",
     "FitHistory",
+    "LoaderSource",
     "MixtureDensityModel",
     "MixtureDensityNetwork",
     "MixtureParams",
     "ModelFileError",
+    "ParquetSource",
     "__version__",
     "fit_nuts",
     "fit_svi",

@@ -136,7 +136,12 @@ def _hidden(text: str) -> tuple[int, ...]:
 
 
 def _add_fit_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--csv", required=True, help="training CSV file with a header row")
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument("--csv", help="training CSV file with a header row")
+    data.add_argument(
+        "--parquet",
+        help="training Parquet file or folder, streamed in windows (memory flat in the rows)",
+    )
     p.add_argument("--x", required=True, type=_columns, help="input columns, comma-separated")
     p.add_argument("--y", required=True, type=_columns, help="target column(s), comma-separated")
     p.add_argument("--model", required=True, help="model file to write")
@@ -172,6 +177,13 @@ def _add_fit_arguments(p: argparse.ArgumentParser) -> None:
         "3.4e38 and spreads finer than float32 resolves)",
     )
     p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument(
+        "--devices",
+        type=_positive_int,
+        default=1,
+        help="processes of a data-parallel fit (DDP via Lightning Fabric: gloo on the CPU, "
+        "one GPU each with --device cuda); each takes a slice of every mini-batch",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -219,9 +231,9 @@ def _refuse_overwrite(out: str, out_flag: str, inputs: dict[str, str | None]) ->
 
 
 def _run_fit(args: argparse.Namespace) -> int:
-    from .tabular import fit_csv
+    from .tabular import fit_csv, fit_parquet
 
-    _refuse_overwrite(args.model, "--model", {"--csv": args.csv})
+    _refuse_overwrite(args.model, "--model", {"--csv": args.csv, "--parquet": args.parquet})
     given = {
         "n_components": args.components,
         "n_members": args.members,
@@ -235,8 +247,8 @@ def _run_fit(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "lr": args.lr,
     }
-    mdn = fit_csv(
-        args.csv,
+    mdn = (fit_csv if args.csv is not None else fit_parquet)(
+        args.csv if args.csv is not None else args.parquet,
         args.x,
         args.y,
         args.model,
@@ -244,6 +256,7 @@ def _run_fit(args: argparse.Namespace) -> int:
         seed=args.seed,
         dtype=args.dtype,
         device=args.device,
+        devices=args.devices,
         progress=not args.no_progress,
     )
     print(f"{fit_summary(mdn)}; model written to {args.model}")

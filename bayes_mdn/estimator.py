@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import replace
@@ -35,7 +36,9 @@ from .fit import (
 from .guides import GUIDES, EmpiricalGuide, EnsembleGuide, make_guide
 from .model import BAYESIAN_LAYERS, MixtureDensityModel
 from .nets import ACTIVATIONS, COVARIANCES, MixtureDensityNetwork, MixtureParams
+from .sources import ArraySource, Source, as_source
 from .stacked import can_stack, fit_stacked
+from .streaming import StreamJob, fit_streamed, scan
 
 __all__ = ["BayesianMDN", "auto_components"]
 
@@ -74,6 +77,14 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         it: None is one (this process), -1 every core. Parallel members give the same
         numbers as sequential ones. Stacked members (guides ``"delta"`` and
         ``"normal"``) are trained in this process and ignore it.
+    devices : int
+        Processes of a data-parallel fit (DDP through Lightning Fabric: gloo on the CPU,
+        NCCL on GPUs with ``device="cuda"``, one GPU each). Above 1 the fit runs the
+        streamed loop (:mod:`bayes_mdn.streaming`) even for in-memory arrays; each
+        process takes an equal slice of every mini-batch and the objective is the
+        one-process objective of that mini-batch. Needs the ``scale`` extra. Spawned
+        processes re-import the calling script: guard it with
+        ``if __name__ == "__main__":``.
     hidden : sequence of int
         Hidden layer widths. A narrow last hidden layer keeps the Bayesian output layer
         small, which mean-field posteriors handle better.
@@ -181,6 +192,14 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
 
     Notes
     -----
+    ``fit`` also takes data that does not fit in memory: a
+    :class:`~bayes_mdn.sources.ParquetSource`, a ``torch.utils.data.DataLoader`` or
+    another re-iterable of ``(x, y)`` batches, with ``y=None``. It reads the stream once
+    for the row count, standardization and held-out rows, then trains on mini-batches cut
+    from windows of the stream (:mod:`bayes_mdn.streaming`), in memory flat in the number
+    of rows. Members then share their held-out rows and mini-batches; the ``"lowrank"``
+    guide and ``method="nuts"`` are for in-memory data only.
+
     Inputs and targets are standardized inside the model, so targets in any units (say
     scaled by 1e-6 or 1e6) fit alike and densities come back in the user's units. A
     constant target column has no density and raises ``ValueError`` in ``fit``. A fitted
@@ -200,6 +219,7 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         n_components: int | Literal["auto"] = "auto",
         n_members: int = 5,
         n_jobs: int | None = None,
+        devices: int = 1,
         hidden: Sequence[int] = (64, 16),
         activation: str = "relu",
         bayesian: Literal["none", "last", "all"] = "last",
@@ -239,6 +259,7 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         self.n_components = n_components
         self.n_members = n_members
         self.n_jobs = n_jobs
+        self.devices = devices
         self.hidden = hidden
         self.activation = activation
         self.bayesian = bayesian
@@ -342,6 +363,8 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
             not isinstance(self.n_jobs, int) or isinstance(self.n_jobs, bool) or self.n_jobs == 0
         ):
             raise ValueError(f"n_jobs must be None or a non-zero integer, got {self.n_jobs!r}")
+        if not isinstance(self.devices, int) or isinstance(self.devices, bool) or self.devices < 1:
+            raise ValueError(f"devices must be an integer >= 1, got {self.devices!r}")
         if not isinstance(self.num_draws, int) or self.num_draws < 1:
             raise ValueError(f"num_draws must be an integer >= 1, got {self.num_draws!r}")
         check_checkpoint_args(self.checkpoint, self.checkpoint_every, self.resume)
@@ -376,14 +399,32 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         )
 
     # -- fitting ---------------------------------------------------------------------
-    def fit(self, X: Any, y: Any) -> BayesianMDN:
+    def fit(self, X: Any, y: Any = None) -> BayesianMDN:
         """Fit the model to inputs X of shape (n, d_x) and targets y of shape (n,) or (n, d_y).
+
+        X may instead be a data source that yields (x, y) batches, with ``y=None``: a
+        :class:`~bayes_mdn.sources.ParquetSource`, a ``torch.utils.data.DataLoader`` (with
+        ``shuffle=False``) or another re-iterable of pairs. It is streamed, never loaded
+        whole (see the class notes and :mod:`bayes_mdn.streaming`).
 
         Returns
         -------
         self
         """
         config = self._check_options()
+        if isinstance(X, (str, bytes, os.PathLike)):
+            raise TypeError(
+                f"fit takes arrays or a data source, got the path {X!r}: read a Parquet "
+                "file with bayes_mdn.ParquetSource(path, x=[...], y=[...]) and pass that"
+            )
+        source = as_source(X)
+        if source is not None:
+            if y is not None:
+                raise ValueError(
+                    f"X is a data source ({source.describe()}) that yields (x, y) itself; "
+                    "call fit(source) with y=None"
+                )
+            return self._fit_streamed(source, config)
         if y is None:
             raise ValueError(
                 "BayesianMDN requires y to be passed, but the target y is None: fit(X, y) "
@@ -408,6 +449,8 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
                 f"y column {col} is constant ({y_arr[0, col]}): a density over a constant "
                 "target is degenerate; drop that column or add measurement noise"
             )
+        if self.devices > 1:
+            return self._fit_streamed(ArraySource(x_arr, y_arr, y_1d=y_1d), config)
         n_val = int(round(len(x_arr) * config.val_fraction))
         if len(x_arr) - n_val < 2:
             raise ValueError(
@@ -485,6 +528,72 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         self.n_features_in_ = x.shape[1]
         self.n_outputs_ = yt.shape[1]
         self._y_1d = y_1d
+        return self
+
+    def _fit_streamed(self, source: Source, config: FitConfig) -> BayesianMDN:
+        """Fit on a streamed source (:mod:`bayes_mdn.streaming`), on ``devices``
+        processes."""
+        if self.method != "svi":
+            raise ValueError(
+                f"method={self.method!r} needs the data in memory; streamed data and "
+                "devices > 1 are fitted with method='svi'"
+            )
+        if self.guide not in ("delta", "normal"):
+            raise ValueError(
+                f"guide={self.guide!r} is fitted on in-memory data only; streamed data and "
+                "devices > 1 use guide='delta' or 'normal'"
+            )
+        if config.seed is None:
+            # Every process must draw the same numbers: fix one fresh seed for all.
+            config = replace(config, seed=int(np.random.SeedSequence().generate_state(1)[0]))
+        seed = config.seed
+        assert seed is not None
+        plan = scan(source, seed, config.val_fraction)
+        largest = float(torch.finfo(DTYPES[self.dtype]).max)
+        for what, names, absmax in (
+            ("input", source.x_names, plan.x_absmax),
+            ("target", source.y_names, plan.y_absmax),
+        ):
+            if (absmax > largest).any():
+                col = int(np.argmax(absmax > largest))
+                name = repr(names[col]) if names is not None else f"column {col}"
+                raise ValueError(
+                    f"{what} {name} holds values up to {absmax[col]:.3g}, beyond the "
+                    f"{self.dtype} range ({largest:.3g}): use dtype='float64' or rescale"
+                )
+        self.n_components_ = (
+            auto_components(plan.n_train)
+            if self.n_components == "auto"
+            else int(self.n_components)
+        )
+        job = StreamJob(
+            source=source,
+            plan=plan,
+            build=functools.partial(self._build_model, plan.d_x, plan.d_y),
+            seeds=[seed + m for m in range(self.n_members)],
+            config=config,
+            dtype=DTYPES[self.dtype],
+            checkpoint=None if self.checkpoint is None else os.fspath(self.checkpoint),
+            checkpoint_every=self.checkpoint_every,
+            resume=self.resume,
+            identity=checkpoint_identity(self.get_params()),
+        )
+        models, guides, histories = fit_streamed(job, self.devices)
+        self.histories_ = histories
+        self.history_ = histories[0]
+        self.n_members_ = len(models)
+        self.n_steps_ = sum(h.steps for h in histories)
+        self.model_ = models[0]
+        self.guide_ = guides[0] if len(models) == 1 else EnsembleGuide(models, guides)
+        self.n_features_in_ = plan.d_x
+        self.n_outputs_ = plan.d_y
+        self._y_1d = source.y_1d
+        # For arrays fit() has set or cleared the DataFrame's column names. A source's
+        # columns are not recorded as feature names, as a CSV fit's are not: predictions
+        # take arrays in the order of its x columns.
+        if not isinstance(source, ArraySource) and hasattr(self, "feature_names_in_"):
+            del self.feature_names_in_
+        self.n_rows_ = plan.n_rows
         return self
 
     def _fit_member(

@@ -678,7 +678,8 @@ _CHECKPOINT_KIND = "checkpoint"
 # Settings that leave every number of a fit unchanged, so a resume may change them.
 _RESUME_FREE = ("progress",)
 # Estimator arguments that are bookkeeping, not part of what is fitted.
-# n_jobs: members fitted in worker processes give the numbers of an in-process fit.
+# n_jobs: members fitted in worker processes give the numbers of an in-process fit;
+# devices: a data-parallel fit follows the one-process objective (bayes_mdn.streaming).
 _IDENTITY_FREE = (
     "progress",
     "checkpoint",
@@ -686,13 +687,14 @@ _IDENTITY_FREE = (
     "resume",
     "num_threads",
     "n_jobs",
+    "devices",
 )
 
 
 def checkpoint_identity(params: Mapping[str, object]) -> dict[str, object]:
     """The ``identity`` of :func:`fit_svi` for an estimator with these constructor
     arguments: all of them but the bookkeeping ones (progress, checkpoint,
-    checkpoint_every, resume, num_threads, n_jobs), so that an argument added later is part of
+    checkpoint_every, resume, num_threads, n_jobs, devices), so that an argument added later is part of
     a checkpoint's identity without being listed anywhere.
 
     Examples

@@ -32,6 +32,7 @@ __all__ = [
     "check_columns_fit",
     "evaluate_model",
     "fit_csv",
+    "fit_parquet",
     "predict_table",
     "read_columns",
     "write_csv",
@@ -236,6 +237,29 @@ def fit_csv(
     check_columns_fit(csv_path, X, x_columns, "--x", mdn.dtype)
     check_columns_fit(csv_path, y, y_columns, "--y", mdn.dtype)
     mdn.fit(X, _target(y))
+    mdn.save(model_path)
+    return mdn
+
+
+def fit_parquet(
+    path: str | os.PathLike[str],
+    x_columns: Sequence[str],
+    y_columns: Sequence[str],
+    model_path: str | os.PathLike[str],
+    **options: Any,
+) -> BayesianMDN:
+    """Fit a :class:`BayesianMDN` on columns of a Parquet file or folder, streamed (never
+    loaded whole), and save it to ``model_path``.
+
+    ``options`` are :class:`BayesianMDN` arguments, checked with the file's schema before
+    any row is read. Returns the fitted estimator.
+    """
+    from .sources import ParquetSource
+
+    mdn = BayesianMDN(**options)
+    mdn._check_options()
+    source = ParquetSource(path, x=x_columns, y=y_columns)
+    mdn.fit(source)
     mdn.save(model_path)
     return mdn
 

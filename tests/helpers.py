@@ -5,6 +5,7 @@ import torch
 from bayes_mdn.guides import make_guide
 from bayes_mdn.model import MixtureDensityModel
 from bayes_mdn.nets import MixtureDensityNetwork
+from bayes_mdn.sources import Source
 
 
 def small_model(
@@ -32,3 +33,21 @@ def small_data(n=64, d_x=1, d_y=1, seed=0):
 def model_and_guide(bayesian="last", guide="normal", **kwargs):
     model = small_model(bayesian, **kwargs)
     return model, make_guide(model, guide)
+
+
+class CrashingSource(Source):
+    """Wraps a source and raises ``RuntimeError`` when its ``crash_at``-th pass
+    starts, counting the passes of this copy (a spawned worker unpickles its own copy),
+    so that a fit is interrupted inside every process at the same point."""
+
+    def __init__(self, inner, crash_at):
+        self.inner = inner
+        self.crash_at = crash_at
+        self.passes = 0
+        self.d_x, self.d_y, self.y_1d = inner.d_x, inner.d_y, inner.y_1d
+
+    def blocks(self):
+        self.passes += 1
+        if self.passes == self.crash_at:
+            raise RuntimeError("simulated crash")
+        yield from self.inner.blocks()

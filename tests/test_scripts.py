@@ -341,3 +341,60 @@ def test_fit_passes_the_prior_function(faithful_csv: Path, tmp_path: Path) -> No
     with pytest.raises(SystemExit) as exit_info:
         main([*argv, "--model", str(tmp_path / "bad.bmdn"), "--prior-function", "x", *TINY])
     assert exit_info.value.code == 2
+
+
+@pytest.fixture
+def faithful_parquet(tmp_path: Path) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ds = load_dataset("faithful")
+    path = tmp_path / "faithful.parquet"
+    pq.write_table(pa.table({"waiting": ds.X[:, 0], "eruptions": ds.y}), path, row_group_size=50)
+    return path
+
+
+def test_fit_streams_a_parquet_file(faithful_parquet: Path, tmp_path: Path) -> None:
+    from bayes_mdn import load
+
+    path = tmp_path / "m.bmdn"
+    argv = ["fit", "--parquet", str(faithful_parquet), "--x", "waiting", "--y", "eruptions"]
+    assert main([*argv, "--model", str(path), *TINY]) == 0
+    mdn = load(path, device="cpu")
+    assert mdn.n_features_in_ == 1 and mdn.predict(np.array([[60.0], [85.0]])).shape == (2,)
+
+
+def test_fit_refuses_bad_parquet_arguments(
+    faithful_parquet: Path, faithful_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = tmp_path / "never.bmdn"
+    argv = ["fit", "--parquet", str(faithful_parquet), "--x", "wait", "--y", "eruptions"]
+    assert main([*argv, "--model", str(model), *TINY]) == 2
+    assert "['wait'] are not in" in _one_line_error(capsys, "bayes-mdn fit")
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--csv", str(faithful_csv), "--model", str(model), *TINY])
+    assert exit_info.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+    argv = ["fit", "--parquet", str(faithful_parquet), "--x", "waiting", "--y", "eruptions"]
+    assert main([*argv, "--model", str(faithful_parquet), *TINY]) == 2
+    assert not model.exists()
+
+
+@pytest.mark.slow
+def test_fit_on_two_processes_from_the_command_line(
+    faithful_parquet: Path, tmp_path: Path
+) -> None:
+    from bayes_mdn import load
+
+    path = tmp_path / "m.bmdn"
+    exe = Path(sys.executable).with_name("bayes-mdn")
+    argv = ["fit", "--parquet", str(faithful_parquet), "--x", "waiting", "--y", "eruptions"]
+    result = subprocess.run(
+        [str(exe), *argv, "--model", str(path), "--devices", "2", *TINY],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "model written to" in result.stdout
+    assert load(path, device="cpu").predict(np.array([[70.0]])).shape == (1,)

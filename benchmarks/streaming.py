@@ -1,0 +1,202 @@
+"""Streamed fits from Parquet: rows per second and peak memory, one process against two.
+
+``python -m benchmarks.streaming [--rows 100000 1000000 10000000] [--batch 500 4096]
+[--out docs/streaming]``
+
+Writes inverse-sine rows (x, y) to a Parquet file per size in a temporary folder (written in
+chunks, never held whole; deleted afterwards), then, each in a fresh Python process so that
+peak memory is the fit's own:
+
+* **throughput**: ``BayesianMDN(devices=d, batch_size=b, epochs=1).fit(ParquetSource(...))``
+  for d = 1 and 2 and each batch size: the whole call (scan, spawn, training, validation),
+  rows trained per second (steps times the global batch, over the call's wall time) and the
+  peak resident memory of each process (``ru_maxrss``: the fitting process and, with d = 2,
+  the largest spawned worker);
+* **quality**: at the first size, the default fit (``BayesianMDN()``) from the Parquet file
+  against the default in-memory fit of the same rows: test NLL on 20,000 fresh rows (exact
+  optimum about 1.29 nats).
+
+On this benchmark's machine two processes share two cores; each process runs one torch
+thread. Results (``docs/streaming.md``) state the machine and the load when the run began.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ._report import emit, machine
+
+__all__ = ["main", "write_rows"]
+
+CHUNK = 1_000_000
+TEST_ROWS = 20_000
+
+
+def write_rows(path: Path, n: int, seed: int = 0) -> None:
+    """n inverse-sine rows (columns x, y) to ``path``, a million at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bayes_mdn import make_inverse_sine
+
+    writer = None
+    try:
+        for i, start in enumerate(range(0, n, CHUNK)):
+            X, y = make_inverse_sine(min(CHUNK, n - start), seed=seed + i)
+            table = pa.table({"x": X[:, 0], "y": y})
+            if writer is None:
+                writer = pq.ParquetWriter(path, table.schema)
+            writer.write_table(table, row_group_size=100_000)
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def _peak_mb() -> dict:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"peak_mb": round(own, 1), "worker_peak_mb": round(children, 1)}
+
+
+def _worker(args: argparse.Namespace) -> None:
+    """One measurement, printed as JSON on the last line."""
+    from bayes_mdn import BayesianMDN, ParquetSource, make_inverse_sine
+
+    X_test, y_test = make_inverse_sine(TEST_ROWS, seed=10_000)
+    options = json.loads(args.options)
+    mdn = BayesianMDN(progress=False, **options)
+    start = time.perf_counter()
+    if args.in_memory:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(args.file)
+        mdn.fit(table.column("x").to_numpy()[:, None], table.column("y").to_numpy())
+    else:
+        mdn.fit(ParquetSource(args.file, x=["x"], y=["y"]))
+    seconds = time.perf_counter() - start
+    batch = options.get("batch_size", mdn.batch_size)
+    steps = mdn.n_steps_ / mdn.n_members_
+    result = {
+        "seconds": round(seconds, 2),
+        "steps_per_member": steps,
+        "rows_per_second": round(steps * batch / seconds),
+        "test_nll": round(-mdn.score(X_test, y_test), 4),
+        **_peak_mb(),
+    }
+    print(json.dumps(result))
+
+
+def _measure(file: Path, options: dict, in_memory: bool = False) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.streaming", "--worker", "--file", str(file)]
+    cmd += ["--options", json.dumps(options)] + (["--in-memory"] if in_memory else [])
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if out.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run(rows: list[int], batches: list[int]) -> dict:
+    result: dict = {**machine(), "throughput": [], "quality": None}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, n in enumerate(rows):
+            file = Path(tmp) / f"rows{n}.parquet"
+            start = time.perf_counter()
+            write_rows(file, n)
+            print(f"wrote {n} rows in {time.perf_counter() - start:.1f} s", flush=True)
+            if i == 0:
+                result["quality"] = {
+                    "rows": n,
+                    "parquet": _measure(file, {}),
+                    "in_memory": _measure(file, {}, in_memory=True),
+                }
+                print(result["quality"], flush=True)
+            for batch in batches:
+                for devices in (1, 2):
+                    options = {"devices": devices, "batch_size": batch, "epochs": 1}
+                    entry = {"rows": n, "batch": batch, "devices": devices}
+                    entry |= _measure(file, options)
+                    result["throughput"].append(entry)
+                    print(entry, flush=True)
+            file.unlink()
+    return result
+
+
+def report(result: dict) -> str:
+    lines = [
+        "# Streamed fits from Parquet: throughput and memory",
+        "",
+        f"Machine: {result['machine']}, torch {result['torch']}, load average at start "
+        f"{result['load_at_start']}. Command: `python -m benchmarks.streaming` "
+        "(`make benchmark-streaming`).",
+        "",
+        "One epoch of the default model (5 stacked mean-field members) from a Parquet file "
+        "of inverse-sine rows; each fit in a fresh process. Rows/s = optimizer steps times "
+        "the global batch over the whole call (scan, process start, training, validation). "
+        "Peak memory is `ru_maxrss` of the fitting process and, for 2 processes, of the "
+        "largest spawned worker.",
+        "",
+        "| rows | batch | processes | seconds | rows/s | speed-up | peak MB (main / worker) "
+        "| test NLL |",
+        "|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    one = {(e["rows"], e["batch"]): e for e in result["throughput"] if e["devices"] == 1}
+    for e in result["throughput"]:
+        base = one[(e["rows"], e["batch"])]
+        speedup = e["rows_per_second"] / base["rows_per_second"]
+        worker = f"{e['worker_peak_mb']:.0f}" if e["devices"] > 1 else "-"
+        lines.append(
+            f"| {e['rows']:,} | {e['batch']} | {e['devices']} | {e['seconds']:.1f} | "
+            f"{e['rows_per_second']:,} | {speedup:.2f} | {e['peak_mb']:.0f} / {worker} | "
+            f"{e['test_nll']:.4f} |"
+        )
+    q = result["quality"]
+    if q:
+        lines += [
+            "",
+            f"Default fit on {q['rows']:,} rows, streamed from Parquet against in memory "
+            f"(test NLL on {TEST_ROWS:,} fresh rows; exact optimum about 1.29):",
+            "",
+            "| data | seconds | optimizer steps per member | test NLL | peak MB |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for name, key in (("Parquet, streamed", "parquet"), ("in memory", "in_memory")):
+            e = q[key]
+            lines.append(
+                f"| {name} | {e['seconds']:.1f} | {e['steps_per_member']:.0f} | "
+                f"{e['test_nll']:.4f} | {e['peak_mb']:.0f} |"
+            )
+        gap = q["parquet"]["test_nll"] - q["in_memory"]["test_nll"]
+        lines += ["", f"Streamed minus in-memory test NLL: {gap:+.4f} nats."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
+    parser.add_argument("--batch", type=int, nargs="+", default=[500, 4096])
+    parser.add_argument("--out", type=Path, default=None, help="write <out>.json and <out>.md")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--file", help=argparse.SUPPRESS)
+    parser.add_argument("--options", default="{}", help=argparse.SUPPRESS)
+    parser.add_argument("--in-memory", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        _worker(args)
+        return
+    result = run(args.rows, args.batch)
+    emit(result, report(result), args.out)
+
+
+if __name__ == "__main__":
+    main()
