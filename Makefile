@@ -14,7 +14,7 @@ LOCK ?= requirements/ci.txt
 PY := $(VENV)/bin/python
 OUT ?= demo_output
 
-.PHONY: setup demo test test-fast test-latest test-arviz1 lint benchmark benchmark-real benchmark-numpyro clean
+.PHONY: setup demo test test-fast test-latest test-arviz1 lint benchmark benchmark-real benchmark-numpyro benchmark-streaming clean
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,10 @@ benchmark: setup
 # Cached per-split results in benchmarks/real_data_cache.json are reused where still valid.
 benchmark-real: $(VENV)/.installed-benchmark
 	$(PY) -m benchmarks.real_data --splits 5 --out docs
+
+# Streamed fits from Parquet, 10^5 to 10^7 rows (files generated, not kept), 1 and 2 processes.
+benchmark-streaming: setup
+	$(PY) -m benchmarks.streaming --out docs/streaming
 
 # One network per step against NumPyro (issue #17): 10^6 rows, 10 epochs; needs the benchmark extra.
 benchmark-numpyro: $(VENV)/.installed-benchmark

@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -466,12 +467,11 @@ def _run(fabric: Any, job: StreamJob) -> dict[str, Any]:
             ok = finite_params.all(0).tolist()
             bad = [i for i in live_ids if not (math.isfinite(mean_loss[i]) and ok[i])]
             if bad:
-                stack.load_state_dict(best_state)
                 raise FloatingPointError(
                     f"member {bad[0]}'s loss or parameters became non-finite in validation "
-                    f"round {r}; every member's last finite state was restored. Likely "
-                    f"causes: a learning rate too high (lr={config.lr}), extreme or badly "
-                    "scaled data, or min_scale too small for the data"
+                    f"round {r}; the fit stopped and kept nothing. Likely causes: a learning "
+                    f"rate too high (lr={config.lr}), extreme or badly scaled data, or "
+                    "min_scale too small for the data"
                 )
             last = r + 1 == rounds
             scores = (
@@ -541,13 +541,16 @@ def _run(fabric: Any, job: StreamJob) -> dict[str, Any]:
     }
 
 
-def _worker(fabric: Any, payload: bytes) -> bytes:
+def _worker(fabric: Any, payload: bytes, out: str) -> None:
     # DDP warns that the gradient of a stacked (M, out, in) weight, which autograd lays out
     # transposed, does not match its bucket's strides; it copies, once per step.
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
-    # Returned as bytes: tensors sent through torch's multiprocessing queue are shared
-    # by file descriptor, which is gone once the worker exits.
-    return pickle.dumps(_run(fabric, pickle.loads(payload)))
+    result = _run(fabric, pickle.loads(payload))
+    # Through a file, not the launcher's return queue: Fabric joins the processes before
+    # it reads the queue, and a result larger than a pipe's buffer would never be sent.
+    if fabric.global_rank == 0:
+        with open(out, "wb") as f:
+            pickle.dump(result, f)
 
 
 def fit_streamed(
@@ -585,9 +588,13 @@ def fit_streamed(
             strategy="ddp_spawn",
         )
         # Each worker puts the loop on fabric.device: its own GPU, or the CPU.
-        # Pickled here: Fabric's launcher walks its arguments and refuses frozen dataclasses
-        # (FitConfig) inside them.
-        result = pickle.loads(fabric.launch(_worker, pickle.dumps(job)))
+        with tempfile.TemporaryDirectory(prefix="bayes_mdn_ddp_") as tmp:
+            out = os.path.join(tmp, "result.pickle")
+            # Pickled here: Fabric's launcher walks its arguments and refuses frozen
+            # dataclasses (FitConfig) inside them.
+            fabric.launch(_worker, pickle.dumps(job), out)
+            with open(out, "rb") as f:
+                result = pickle.load(f)
     models, guides, stack = _build_stack(job, device)
     with torch.no_grad():
         stack.unstack({k: v.to(device) for k, v in result["best_state"].items()})

@@ -583,7 +583,8 @@ def markdown(result: dict) -> str:
         "These are per-step and per-prediction timings. The whole default `fit` (a stacked "
         "ensemble with early stopping) against a hand-written loop doing the same work is "
         "in [`speed.md`](speed.md) (`python -m benchmarks.speed`), one network per step against "
-        "NumPyro in [`numpyro_speed.md`](numpyro_speed.md); measured notes that "
+        "NumPyro in [`numpyro_speed.md`](numpyro_speed.md), streamed fits from Parquet on one "
+        "and two processes in [`streaming.md`](streaming.md); measured notes that "
         "docstrings used to quote are in [`notes.md`](notes.md).",
     ]
     if "step" in result:

@@ -113,3 +113,29 @@ def test_numpyro_speed_report_and_crossover():
     }
     text = markdown({"meta": meta, "bayes_mdn": lib, "numpyro": numpyro})
     assert "| 1.50 |" in text and "0.86" in text  # 1.5 / 1.75
+
+
+@pytest.mark.slow
+def test_streaming_benchmark_measures_a_parquet_fit(tmp_path):
+    import pyarrow.parquet as pq
+
+    from benchmarks import streaming
+
+    path = tmp_path / "rows.parquet"
+    streaming.write_rows(path, 2500)
+    table = pq.read_table(path)
+    assert table.num_rows == 2500 and table.column_names == ["x", "y"]
+    entry = streaming._measure(path, {"devices": 1, "batch_size": 500, "epochs": 1})
+    # 2,250 training rows after the 10% held out: 4 global batches of 500 in the epoch.
+    assert entry["steps_per_member"] == 4
+    assert entry["peak_mb"] >= entry["import_mb"] > 0
+    assert math.isfinite(entry["test_nll"]) and entry["rows_per_second"] > 0
+    result = {
+        "machine": "m",
+        "torch": "t",
+        "load_at_start": 0.0,
+        "quality": None,
+        "throughput": [{"rows": 2500, "batch": 500, "devices": d, **entry} for d in (1, 2)],
+    }
+    text = streaming.report(result)
+    assert "| 2,500 | 500 | 2 |" in text and "Largest peak" in text
