@@ -333,24 +333,31 @@ class MixtureDensityNetwork(nn.Module):
         weights (the bias folded in as one more input column), so that work over the
         components (softmax, CDFs, log-sum-exp) runs along contiguous rows of x (about
         three times faster than on :meth:`raw`'s (B, rows, P) layout, docs/notes.md). Each chunk
-        holds at most ``max_elements`` elements, counting ``draws`` draws per row when
-        the weights are not batched. Yields (slice of rows, head output).
+        holds at most ``max_elements`` elements in its widest tensor (the head output or a
+        hidden layer's, which is (B, rows, width) when the hidden weights are drawn too, as
+        for ensembles), counting ``draws`` draws per row when the weights are not batched.
+        Yields (slice of rows, head output).
         """
         weights = weights or {}
-        h = self.features(x, weights)
         w = weights.get("head.weight", self.head.weight)
         b = weights.get("head.bias", self.head.bias)
-        if w.dim() == 3 or h.dim() == 3:
-            draws = w.shape[0] if w.dim() == 3 else h.shape[0]
+        # One row tells whether the hidden layers carry a draw dimension.
+        first = self.features(x[:1], weights)
+        h_dims = first.dim()
+        if w.dim() == 3:
+            draws = w.shape[0]
+        elif h_dims == 3:
+            draws = first.shape[0]
         w = torch.cat([w, b.unsqueeze(-1)], -1)
-        h = torch.cat([h, h.new_ones(*h.shape[:-1], 1)], -1)
-        if w.dim() == 3 and h.dim() == 2:
+        if w.dim() == 3 and h_dims == 2:
             w = w.reshape(-1, w.shape[-1])  # (B * P, width + 1): one matrix product
         n_out = self.n_outputs
-        size = max(1, max_elements // (draws * n_out))
+        widest = max([n_out, *(layer.out_features for layer in self.hidden)])
+        size = max(1, max_elements // (draws * widest))
         for start in range(0, len(x), size):
-            chunk = h[..., start : start + size, :].mT
-            rows = slice(start, start + chunk.shape[-1])
+            rows = slice(start, min(start + size, len(x)))
+            h = self.features(x[rows], weights)
+            chunk = torch.cat([h, h.new_ones(*h.shape[:-1], 1)], -1).mT
             head = (w @ chunk).reshape(-1, n_out, chunk.shape[-1])
             if self.prior is not None:
                 head = head + self._prior_output(x[rows], weights).mT

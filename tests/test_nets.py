@@ -188,3 +188,30 @@ def test_prior_function_is_the_same_on_every_evaluation_path():
     for s in range(4):
         single = net(x, {k: v[s] for k, v in draws.items()})
         torch.testing.assert_close(single.loc, p.loc[s])
+
+
+def test_head_by_rows_bounds_the_hidden_layers_of_drawn_networks_too():
+    # An ensemble's draws replace every weight, so each hidden layer's output is
+    # (draws, rows, width): chunking must count that tensor, not only the head's.
+    torch.manual_seed(0)
+    net = MixtureDensityNetwork(1, 1, 3, hidden=(64, 16))
+    draws, max_elements = 40, 20_000
+    weights = {
+        name: p.detach() + 0.1 * torch.randn(draws, *p.shape) for name, p in net.named_parameters()
+    }
+    x = torch.randn(1000, 1)
+    largest = []
+    original = net.features
+
+    def features(rows, w):
+        h = original(rows, w)
+        largest.append(h.shape[-2] * draws * 64)  # the first layer's output, the widest
+        return h
+
+    net.features = features
+    chunks = list(net.head_by_rows(x, weights, max_elements))
+    assert sum(r.stop - r.start for r, _ in chunks) == len(x)
+    assert max(largest) <= max_elements
+    whole = net.raw(x, weights)  # (draws, rows, outputs), in one pass
+    by_rows = torch.cat([head for _, head in chunks], -1)
+    torch.testing.assert_close(by_rows, whole.mT)
