@@ -27,7 +27,9 @@ so the update is the gradient of ``-(n_train / batch_size) * sum_{i in batch} lo
 x_i, w) - log p(w) + log q(w)``: exactly the one-process objective for the same global
 batch (to rounding). Validation rows are split over the processes and their log
 densities summed with one all-reduce. Rank 0 writes the checkpoints; a checkpoint holds
-no trace of W, so it resumes on any number of processes.
+no trace of W, so it resumes on any number of processes. An error raised in a worker (a
+``FloatingPointError``, a ``ValueError`` about the data) reaches the caller as itself,
+raised from the launcher's report.
 
 Why Fabric and not the Trainer: the loop is ours (stacked members that stop one by one,
 validation rounds, checkpoints that resume bit for bit); Fabric brings the launcher, the
@@ -545,7 +547,17 @@ def _worker(fabric: Any, payload: bytes, out: str) -> None:
     # DDP warns that the gradient of a stacked (M, out, in) weight, which autograd lays out
     # transposed, does not match its bucket's strides; it copies, once per step.
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
-    result = _run(fabric, pickle.loads(payload))
+    try:
+        result = _run(fabric, pickle.loads(payload))
+    except Exception as err:
+        # The launcher re-raises a worker's error as text; leave the error itself for the
+        # caller (the first process to fail writes it), then fail as the launcher expects.
+        try:
+            with open(f"{out}.error.{fabric.global_rank}", "xb") as f:
+                pickle.dump(err, f)
+        except Exception:  # an unpicklable error: the launcher's text still tells it
+            pass
+        raise
     # Through a file, not the launcher's return queue: Fabric joins the processes before
     # it reads the queue, and a result larger than a pipe's buffer would never be sent.
     if fabric.global_rank == 0:
@@ -592,7 +604,16 @@ def fit_streamed(
             out = os.path.join(tmp, "result.pickle")
             # Pickled here: Fabric's launcher walks its arguments and refuses frozen
             # dataclasses (FitConfig) inside them.
-            fabric.launch(_worker, pickle.dumps(job), out)
+            try:
+                fabric.launch(_worker, pickle.dumps(job), out)
+            except Exception as launch_error:
+                errors = sorted(p for p in os.listdir(tmp) if ".error." in p)
+                if not errors:
+                    raise
+                # The worker's own error (a FloatingPointError, a ValueError naming the
+                # data, ...), raised from the launcher's report of it.
+                with open(os.path.join(tmp, errors[0]), "rb") as f:
+                    raise pickle.load(f) from launch_error
             with open(out, "rb") as f:
                 result = pickle.load(f)
     models, guides, stack = _build_stack(job, device)

@@ -148,6 +148,17 @@ def test_two_processes_from_parquet_in_float32(rows, parquet_file):
 
 
 @pytest.mark.slow
+def test_an_error_in_the_workers_reaches_the_caller_as_itself(rows):
+    X, y = rows
+    loader = DataLoader(
+        TensorDataset(torch.as_tensor(X), torch.as_tensor(y)), batch_size=100, shuffle=True
+    )
+    # Each worker's first training pass finds other rows than the scan did.
+    with pytest.raises(ValueError, match="the data changed between passes"):
+        BayesianMDN(devices=2, **SMALL).fit(loader)
+
+
+@pytest.mark.slow
 def test_a_checkpoint_written_by_two_processes_resumes_on_one(rows, tmp_path):
     X, y = rows
     path = tmp_path / "fit.ckpt"
@@ -157,7 +168,7 @@ def test_a_checkpoint_written_by_two_processes_resumes_on_one(rows, tmp_path):
     # Pass 1 is the scan, in this process; a worker's copy of the source then starts
     # epoch 0 on pass 2 and crashes as epoch 1 starts (pass 3), after the round that
     # ended at step 50: the resume starts inside epoch 0.
-    with pytest.raises(Exception, match="simulated crash"):
+    with pytest.raises(RuntimeError, match="simulated crash"):
         BayesianMDN(devices=2, checkpoint=path, **options).fit(CrashingSource(source, 3))
     assert path.exists()
     resumed = BayesianMDN(checkpoint=path, resume=True, **options).fit(source)
