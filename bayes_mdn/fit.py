@@ -658,7 +658,7 @@ def fit_svi(
     return history
 
 
-def _progress(config: FitConfig, epochs: int, first_epoch: int = 0):
+def _progress(config: FitConfig, epochs: int, first_epoch: int = 0, unit: str = "epoch"):
     from tqdm.auto import tqdm
 
     return tqdm(
@@ -667,7 +667,7 @@ def _progress(config: FitConfig, epochs: int, first_epoch: int = 0):
         total=epochs,
         disable=not config.progress,
         desc="fit",
-        unit="epoch",
+        unit=unit,
     )
 
 

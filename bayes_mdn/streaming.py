@@ -437,7 +437,11 @@ def _run(fabric: Any, job: StreamJob) -> dict[str, Any]:
                 skip = 0
 
         stream = steps_from(first_round * round_steps)
-        bar = _progress(config, rounds, first_round) if rank == 0 else range(first_round, rounds)
+        bar = (
+            _progress(config, rounds, first_round, unit="round")
+            if rank == 0
+            else range(first_round, rounds)
+        )
         for r in bar:
             n_steps = min(round_steps, total - r * round_steps)
             live_ids = [m for m in range(n_members) if active[m]]
