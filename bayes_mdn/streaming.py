@@ -44,8 +44,8 @@ import pickle
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -75,7 +75,6 @@ from .stacked import (
     _restore,
     _validation_normals,
     _write,
-    can_stack,
 )
 
 __all__ = ["DataPlan", "fit_streamed", "scan"]
@@ -136,7 +135,6 @@ class DataPlan:
     y_absmax: np.ndarray
     window_rows: int = WINDOW_ROWS
     scan_seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
 
     @property
     def n_val(self) -> int:
@@ -624,8 +622,3 @@ def fit_streamed(
     with torch.no_grad():
         stack.unstack({k: v.to(device) for k, v in result["best_state"].items()})
     return models, guides, result["histories"]
-
-
-def can_stream(guides: Sequence[nn.Module]) -> bool:
-    """Whether the streamed loop trains these guides (AutoDelta, AutoNormal, PointGuide)."""
-    return can_stack(guides)
