@@ -7,6 +7,7 @@ from .datasets import (
     make_noisy_ring,
     noisy_ring_log_density,
 )
+from .distributions import GaussianMixture
 from .estimator import BayesianMDN
 from .fit import FitConfig, FitHistory, fit_nuts, fit_svi
 from .guides import make_guide
@@ -21,6 +22,7 @@ __all__ = [
     "BayesianMDN",
     "FitConfig",
     "FitHistory",
+    "GaussianMixture",
     "LoaderSource",
     "MixtureDensityModel",
     "MixtureDensityNetwork",

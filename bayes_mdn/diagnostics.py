@@ -28,7 +28,7 @@ import xarray as xr
 from pyro import poutine
 from torch import Tensor, nn
 
-from . import mixtures, scores
+from . import scores
 from ._files import atomic_path, write_json
 from ._utils import pyro_scope, seeded
 from ._validation import as_2d_float
@@ -350,7 +350,7 @@ def pointwise_log_likelihood(
     with torch.no_grad():
         for start in range(0, len(x), step):
             sl = slice(start, start + step)
-            lp = mixtures.log_prob(model.mixture(x[sl], weights), y[sl])
+            lp = model.mixture(x[sl], weights).distribution().log_prob(y[sl])
             outs.append(lp.reshape(draws, -1))
     return torch.cat(outs, dim=1)
 

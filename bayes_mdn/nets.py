@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from .distributions import Covariance, GaussianMixture, MixtureParams
 
 __all__ = ["ACTIVATIONS", "COVARIANCES", "MixtureDensityNetwork", "MixtureParams"]
 
@@ -27,52 +27,6 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "silu": nn.SiLU,
 }
 COVARIANCES = ("diagonal", "full")
-
-Covariance = Literal["diagonal", "full"]
-
-
-@dataclass(frozen=True)
-class MixtureParams:
-    """Parameters of a batch of K-component Gaussian mixtures over y in R^d.
-
-    Attributes
-    ----------
-    logits : Tensor of shape (..., n, K)
-        Unnormalized log mixture weights.
-    loc : Tensor of shape (..., n, K, d)
-        Component means.
-    scale : Tensor of shape (..., n, K, d) or (..., n, K, d, d)
-        Component standard deviations (diagonal covariance) or lower-triangular
-        Cholesky factors with a positive diagonal (full covariance).
-    """
-
-    logits: Tensor
-    loc: Tensor
-    scale: Tensor
-
-    @property
-    def covariance(self) -> Covariance:
-        """``"full"`` when ``scale`` holds Cholesky factors, else ``"diagonal"``."""
-        return "full" if self.scale.dim() == self.loc.dim() + 1 else "diagonal"
-
-    @property
-    def n_components(self) -> int:
-        return self.logits.shape[-1]
-
-    @property
-    def event_dim(self) -> int:
-        """Dimension d of the target y."""
-        return self.loc.shape[-1]
-
-    def map(self, fn) -> MixtureParams:
-        """Apply ``fn`` to every tensor (indexing, moving, detaching)."""
-        return MixtureParams(fn(self.logits), fn(self.loc), fn(self.scale))
-
-    def marginal_scale(self) -> Tensor:
-        """Per-dimension component standard deviations, shape (..., n, K, d)."""
-        if self.covariance == "diagonal":
-            return self.scale
-        return self.scale.pow(2).sum(-1).sqrt()
 
 
 def _linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
@@ -284,10 +238,8 @@ class MixtureDensityNetwork(nn.Module):
     ) -> Tensor:
         """One draw of y per draw of the weights and row of x, in the network's units.
 
-        The generative process of the mixture, computed for speed rather than read off
-        :meth:`forward`: a component by inverting the CDF of the mixture weights, then
-        only that component's scale transform and Gaussian draw. The head's output is
-        laid out as (B, outputs, rows), one matrix product for all draws, so that the
+        :meth:`GaussianMixture.sample` (component first) of :meth:`head_mixture`, on the
+        head's (B, outputs, rows) layout, one matrix product for all draws, so that the
         reductions over components run along contiguous rows of x (faster than
         :meth:`raw`'s (B, rows, outputs) layout: docs/notes.md).
 
@@ -370,40 +322,23 @@ class MixtureDensityNetwork(nn.Module):
         weights: Mapping[str, Tensor] | None = None,
         max_elements: int = 2**21,
     ) -> Iterator[tuple[slice, Tensor]]:
-        """log p(z | x, w) of a diagonal-covariance network, chunk by chunk of rows.
+        """log p(z | x, w), chunk by chunk of rows.
 
         z: (n, d) in the network's units. Yields (slice of rows, log density of shape
-        (B or 1, rows)), computed on :meth:`head_by_rows`.
+        (B or 1, rows)): :meth:`GaussianMixture.log_prob` of :meth:`head_mixture`.
         """
-        if self.covariance != "diagonal":
-            raise ValueError("log_prob_by_rows needs covariance='diagonal'")
-        k, d = self.n_components, self.d_y
-        const = 0.5 * d * math.log(2 * math.pi)
         for rows, head in self.head_by_rows(x, weights, max_elements):
-            b, n = head.shape[0], head.shape[-1]
-            logits = head[:, :k]
-            loc = head[:, k : k + k * d].reshape(b, k, d, n)
-            scale = F.softplus(head[:, k + k * d : k + 2 * k * d]).add_(self.min_scale)
-            scale = scale.reshape(b, k, d, n)
-            zt = z[rows].mT  # (d, rows)
-            log_comp = ((zt - loc) / scale).square_().mul_(-0.5).sub_(scale.log()).sum(2)
-            log_p = torch.logsumexp(log_comp.add_(logits), 1) - torch.logsumexp(logits, 1)
-            yield rows, log_p - const
+            yield rows, self.head_mixture(head).log_prob(z[rows])
 
     def _sample_head(self, head: Tensor, draws: int) -> Tensor:
-        """Draws of y from head outputs of shape (B or 1, P, rows): (draws, rows, d)."""
+        """Draws of y from head outputs of shape (B or 1, P, rows): (draws, rows, d).
+
+        The component is drawn first (:meth:`GaussianMixture.draw_components`); only its
+        columns of the head are then transformed and sampled, as a one-component mixture.
+        """
         k, d = self.n_components, self.d_y
         rows = head.shape[-1]
-        # Inverse CDF of the mixture weights, unnormalized: u is scaled by the total.
-        logits = head[:, :k]
-        cdf = (logits - logits.amax(1, keepdim=True)).exp_().cumsum_(1)
-        u = torch.rand(draws, 1, rows, dtype=head.dtype, device=head.device)
-        u = u * cdf[:, -1:]
-        # The chosen component is the number of cumulative weights below u; counting
-        # one component at a time keeps the comparisons small and never reaches K.
-        component = torch.zeros(draws, 1, rows, dtype=torch.long, device=head.device)
-        for j in range(k - 1):
-            component += cdf[:, j : j + 1] < u
+        component = GaussianMixture.draw_components(head[:, :k].mT, (draws, rows))
         # The rows of the head's output that belong to the chosen component.
         n_tril = self._sizes[3] // k
         offsets, strides, start = [], [], k
@@ -411,13 +346,19 @@ class MixtureDensityNetwork(nn.Module):
             offsets.append(start + torch.arange(width, device=head.device))
             strides.append(torch.full((width,), width, device=head.device))
             start += k * width
-        index = torch.cat(offsets)[:, None] + torch.cat(strides)[:, None] * component
+        index = torch.cat(offsets)[:, None] + torch.cat(strides)[:, None] * component[:, None]
         chosen = head.expand(draws, *head.shape[1:]).gather(1, index)
-        params = self.split(torch.cat([component.to(head.dtype), chosen], 1).mT, 1)
-        eps = torch.randn(draws, rows, d, dtype=head.dtype, device=head.device)
-        if params.covariance == "full":
-            return params.loc[..., 0, :] + (params.scale[..., 0, :, :] @ eps.unsqueeze(-1))[..., 0]
-        return params.loc[..., 0, :] + params.scale[..., 0, :] * eps
+        # A constant logit column in front: the one-component mixture's weight.
+        chosen = torch.cat([chosen.new_zeros(draws, 1, rows), chosen], 1)
+        return self.split(chosen.mT, 1).distribution().sample()
+
+    def head_mixture(self, head: Tensor) -> GaussianMixture:
+        """The mixture of a :meth:`head_by_rows` output (B, P, rows): batch shape (B, rows).
+
+        Its parameters are strided views of ``head`` (the transforms of the scales aside),
+        so the mixture's reductions over components run along contiguous rows.
+        """
+        return self.split(head.mT).distribution()
 
     def split(self, out: Tensor, n_components: int | None = None) -> MixtureParams:
         """Mixture parameters from a raw output (of :meth:`raw`; of one component per
@@ -428,7 +369,8 @@ class MixtureDensityNetwork(nn.Module):
         batch = out.shape[:-1]
         logits, loc, raw_scale, raw_tril = out.split((k, k * d, k * d, k * n_tril), dim=-1)
         loc = loc.reshape(*batch, k, d)
-        diag = F.softplus(raw_scale.reshape(*batch, k, d)) + self.min_scale
+        # In place: softplus saves its input, not its output, for the gradient.
+        diag = F.softplus(raw_scale.reshape(*batch, k, d)).add_(self.min_scale)
         if self.covariance == "diagonal":
             return MixtureParams(logits, loc, diag)
         tril = torch.zeros(*batch, k, d, d, dtype=out.dtype, device=out.device)

@@ -101,8 +101,6 @@ def plot_mixture_at(
     """
     import torch
 
-    from . import mixtures
-
     ax = _axes(ax)
     X = np.array([[float(x)]])
     if grid is None:
@@ -112,17 +110,17 @@ def plot_mixture_at(
     grid = np.asarray(grid, dtype=float)
     mix = model.predictive_mixture(X, num_draws=num_draws)
     yt = torch.as_tensor(grid, dtype=mix.loc.dtype, device=mix.loc.device).reshape(-1, 1, 1)
-    dens = mixtures.log_prob(mix, yt.reshape(-1, 1)).exp().cpu().numpy()
-    weights = torch.softmax(mix.logits[0], -1)
-    sd = mix.marginal_scale()[0, :, 0]
-    normal = torch.distributions.Normal(mix.loc[0, :, 0], sd)
+    predictive = mix.distribution()
+    dens = predictive.log_prob(yt.reshape(-1, 1)).exp().cpu().numpy()
+    # Each component's weighted density at every y of the grid: (grid, components).
+    weighted = (predictive.component_log_prob(yt) + predictive.log_weights()).exp()[:, 0]
     # The pooled predictive holds K components per posterior draw, draw-major: component
     # k of the predictive is the draw-average of component k of each network (for an
     # ensemble, of the networks of every member: members label their components alike
     # only by their shared initialization of the output layer).
     k = model.n_components_
-    comp = (weights * normal.log_prob(yt[:, 0]).exp()).reshape(len(grid), -1, k).sum(1)
-    comp_weight = weights.reshape(-1, k).sum(0)
+    comp = weighted.reshape(len(grid), -1, k).sum(1)
+    comp_weight = predictive.log_weights()[0].exp().reshape(-1, k).sum(0)
     comp = comp.cpu().numpy()
     for j in np.argsort(-comp_weight.cpu().numpy())[:max_components]:
         ax.plot(grid, comp[:, j], color="tab:gray", lw=0.8, alpha=0.7)
@@ -185,8 +183,6 @@ def plot_density_2d(
     """
     import torch
 
-    from . import mixtures
-
     if getattr(model, "n_outputs_", None) != 2:
         raise ValueError(
             "plot_density_2d needs a fitted model with 2 outputs, got "
@@ -212,7 +208,7 @@ def plot_density_2d(
     points = np.stack([mesh1.ravel(), mesh2.ravel()], axis=1)
     mix = model.predictive_mixture(X, num_draws=num_draws, seed=seed)
     yt = torch.as_tensor(points, dtype=mix.loc.dtype, device=mix.loc.device)
-    dens = mixtures.log_prob(mix, yt).exp().cpu().numpy().reshape(mesh1.shape)
+    dens = mix.distribution().log_prob(yt).exp().cpu().numpy().reshape(mesh1.shape)
     ax.contour(mesh1, mesh2, dens, levels=8, cmap="Oranges")
     ax.plot([], [], color="tab:orange", label="predictive p(y | x)")
     if true_log_density is not None:
@@ -268,8 +264,6 @@ def plot_conditional_density(
     """
     import torch
 
-    from . import mixtures
-
     ax = _axes(ax)
 
     def span(values: Any) -> tuple[float, float]:
@@ -291,7 +285,7 @@ def plot_conditional_density(
     yt = torch.as_tensor(grid_y, dtype=mix.loc.dtype, device=mix.loc.device)
     # Broadcast every y of the grid against every x's mixture: (grid_y, grid_x).
     with torch.no_grad():
-        dens = mixtures.log_prob(mix, yt.reshape(-1, 1, 1)).exp().cpu().numpy()
+        dens = mix.distribution().log_prob(yt.reshape(-1, 1, 1)).exp().cpu().numpy()
     mesh = ax.pcolormesh(grid_x, grid_y, dens, shading="auto", cmap="viridis")
     ax.figure.colorbar(mesh, ax=ax, label="p(y | x)")
     if X is not None and y is not None:

@@ -23,12 +23,11 @@ from pyro import poutine
 from pyro.infer import Predictive
 from torch import Tensor, nn
 
-from . import mixtures
 from ._utils import pyro_scope, seeded
 from ._validation import check_seed
+from .distributions import GaussianMixture, MixtureParams
 from .guides import EnsembleGuide, draw_latents, is_deterministic
 from .model import DEFAULT_MAX_ELEMENTS, OBS_SITE, MixtureDensityModel
-from .nets import MixtureParams
 
 __all__ = [
     "log_predictive_density",
@@ -126,7 +125,7 @@ def predictive_mixture(
     seed: int | None = 0,
 ) -> MixtureParams:
     """The posterior predictive at each x as one mixture of S*K components: (n, S*K)."""
-    return mixtures.pool_draws(predictive_params(model, guide, x, num_draws, seed))
+    return predictive_params(model, guide, x, num_draws, seed).distribution().pool().params
 
 
 def log_predictive_density(
@@ -251,7 +250,7 @@ def _pooled(
     x: Tensor,
     num_draws: int,
     seed: int | None,
-    fn: Callable[[MixtureParams], Tensor],
+    fn: Callable[[GaussianMixture], Tensor],
     max_elements: int,
     cost: int = 1,
 ) -> Tensor:
@@ -261,7 +260,7 @@ def _pooled(
         model,
         x,
         weights,
-        lambda p, _: fn(mixtures.pool_draws(p)),
+        lambda p, _: fn(p.distribution().pool()),
         max_elements // cost,
         standardized=True,
     )
@@ -303,7 +302,7 @@ def predictive_mean(
     max_elements: int = DEFAULT_MAX_ELEMENTS,
 ) -> Tensor:
     """Mean of the posterior predictive, float64 Tensor of shape (n, d)."""
-    z = _pooled(model, guide, x, num_draws, seed, mixtures.mean, max_elements)
+    z = _pooled(model, guide, x, num_draws, seed, lambda m: m.mean, max_elements)
     loc, scale = _y_units(model)
     out = loc + scale * z.to(torch.float64)
     _check_overflow(z, out, "mean", scale)
@@ -320,10 +319,7 @@ def predictive_std(
 ) -> Tensor:
     """Marginal standard deviations of the posterior predictive, float64 Tensor (n, d)."""
 
-    def variance(p: MixtureParams) -> Tensor:
-        return mixtures.covariance(p).diagonal(dim1=-2, dim2=-1)
-
-    z = _pooled(model, guide, x, num_draws, seed, variance, max_elements)
+    z = _pooled(model, guide, x, num_draws, seed, lambda m: m.variance, max_elements)
     # The square root in float64, as predictive_covariance's entries are scaled: the
     # two agree to float64 rounding.
     return _to_user_units(model, z.to(torch.float64).sqrt(), 1, "standard deviation")
@@ -357,7 +353,14 @@ def predictive_covariance(
     torch.Size([5, 2, 2])
     """
     z = _pooled(
-        model, guide, x, num_draws, seed, mixtures.covariance, max_elements, cost=model.net.d_y
+        model,
+        guide,
+        x,
+        num_draws,
+        seed,
+        lambda m: m.covariance_matrix,
+        max_elements,
+        cost=model.net.d_y,
     )
     _, scale = _y_units(model)
     out = z.to(torch.float64) * (scale[:, None] * scale[None, :])
@@ -392,7 +395,7 @@ def predictive_cdf(
     weights = posterior_weights(model, guide, num_draws, seed)
 
     def cdf(params: MixtureParams, sl: slice) -> Tensor:
-        return mixtures.marginal_cdf(mixtures.pool_draws(params), y[sl])
+        return params.distribution().pool().cdf(y[sl])
 
     return _map_chunks(model, x, weights, cdf, max_elements)
 
@@ -419,8 +422,8 @@ def predictive_quantiles(
     if q.numel() == 0 or not bool(((q > 0) & (q < 1)).all()):
         raise ValueError(f"quantile levels must lie strictly between 0 and 1, got {q.tolist()}")
 
-    def quant(p: MixtureParams) -> Tensor:
-        return mixtures.marginal_quantiles(p, q).movedim(0, 1)
+    def quant(m: GaussianMixture) -> Tensor:
+        return m.quantiles(q).movedim(0, 1)
 
     # Solved in standardized units (where the mixture is well scaled), mapped back in float64.
     z = _pooled(model, guide, x, num_draws, seed, quant, max_elements, cost=len(q))
@@ -471,7 +474,7 @@ def predictive_modes(
             params = model.mixture(x[sl], weights)
             if params.logits.dim() == 2:
                 params = params.map(lambda t: t.unsqueeze(0))
-            m, d = mixtures.modes(mixtures.pool_draws(params))
+            m, d = params.distribution().pool().modes()
             out_modes.append(m)
             out_dens.append(d)
     return torch.cat(out_modes), torch.cat(out_dens)
@@ -498,8 +501,8 @@ def uncertainty_decomposition(
     weights = posterior_weights(model, guide, num_draws, seed)
 
     def split(params: MixtureParams, _: slice) -> Tensor:
-        means = mixtures.mean(params)  # (S, n, d)
-        variances = mixtures.covariance(params).diagonal(dim1=-2, dim2=-1)
+        mix = params.distribution()
+        means, variances = mix.mean, mix.variance  # each (S, n, d)
         aleatoric = variances.mean(0)
         epistemic = means.var(0, unbiased=False)
         return torch.stack([aleatoric + epistemic, aleatoric, epistemic], dim=-1)

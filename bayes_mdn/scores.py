@@ -1,8 +1,8 @@
 """Proper scores and calibration numbers for Gaussian-mixture predictives (no ArviZ).
 
-Every function takes the predictive as one :class:`~bayes_mdn.nets.MixtureParams` with
+Every function takes the predictive as one :class:`~bayes_mdn.distributions.MixtureParams` with
 logits of shape (n, M) (for a Bayesian MDN, the pooled S x K mixture of
-:func:`bayes_mdn.mixtures.pool_draws`) and targets y of shape (n, d). PIT values,
+:meth:`bayes_mdn.distributions.GaussianMixture.pool`) and targets y of shape (n, d). PIT values,
 quantiles and the CRPS are exact functions of that mixture; only the energy score of
 vector targets needs predictive draws.
 """
@@ -17,8 +17,7 @@ import scoringrules as sr
 import torch
 from torch import Tensor
 
-from . import mixtures
-from .nets import MixtureParams
+from .distributions import MixtureParams
 
 __all__ = [
     "crps_mixture",
@@ -57,7 +56,7 @@ def pit(params: MixtureParams, y: Tensor) -> np.ndarray:
     """
     _check_y(params, y)
     with torch.no_grad():
-        return mixtures.marginal_cdf(params, y).cpu().numpy()
+        return params.distribution().cdf(y).cpu().numpy()
 
 
 def ks_uniform(u: np.ndarray) -> tuple[float, float]:
@@ -115,7 +114,7 @@ def interval_coverage(
         raise ValueError(f"levels must lie strictly between 0 and 1, got {list(levels)}")
     q = torch.tensor(np.concatenate([(1 - lv) / 2, (1 + lv) / 2]), dtype=y.dtype, device=y.device)
     with torch.no_grad():
-        bounds = mixtures.marginal_quantiles(params, q)  # (2L, n, d)
+        bounds = params.distribution().quantiles(q)  # (2L, n, d)
     lo, hi = bounds[: lv.size], bounds[lv.size :]
     inside = (y >= lo) & (y <= hi)
     return inside.to(y.dtype).mean(1).cpu().numpy()
@@ -183,4 +182,4 @@ def negative_log_likelihood(params: MixtureParams, y: Tensor) -> float:
     """Mean negative log predictive density, nats per point."""
     _check_y(params, y)
     with torch.no_grad():
-        return float(-mixtures.log_prob(params, y).mean())
+        return float(-params.distribution().log_prob(y).mean())

@@ -360,7 +360,7 @@ def evaluate_model(
     import matplotlib.pyplot as plt
     import torch
 
-    from . import mixtures, plotting
+    from . import plotting
 
     levels = _check_levels(levels)
     y2 = np.asarray(y, dtype=np.float64).reshape(len(y), -1)
@@ -372,7 +372,7 @@ def evaluate_model(
         inside = (y2 >= lo.reshape(y2.shape)) & (y2 <= hi.reshape(y2.shape))
         coverage[f"{level:g}"] = inside.mean(0).tolist()
     mix = model.predictive_mixture(X, seed=seed)
-    pit = mixtures.marginal_cdf(mix, torch.as_tensor(y2).to(mix.loc)).cpu().numpy()
+    pit = mix.distribution().cdf(torch.as_tensor(y2).to(mix.loc)).cpu().numpy()
     metrics = {
         "n": len(y2),
         "nll": float(nll.mean()),

@@ -109,8 +109,6 @@ def test_bad_options():
 @pytest.mark.parametrize(("covariance", "d_y"), [("diagonal", 1), ("diagonal", 2), ("full", 2)])
 def test_log_density_and_chunked_predictive_density(covariance, d_y):
     # The direct density equals the distribution's, per draw; chunking changes nothing.
-    from bayes_mdn.mixtures import mixture_distribution
-
     model = small_model("last", d_x=2, d_y=d_y, covariance=covariance)
     model.y_loc.fill_(0.3)
     model.y_scale.fill_(2.0)
@@ -118,7 +116,7 @@ def test_log_density_and_chunked_predictive_density(covariance, d_y):
     weights = {n: 0.3 * torch.randn(5, *s) for n, s in model.latent_shapes.items()}
     per_draw = model.log_density(x, y, weights)
     assert per_draw.shape == (5, 13)
-    expected = mixture_distribution(model.mixture(x, weights)).log_prob(y)
+    expected = model.mixture(x, weights).distribution().log_prob(y)
     torch.testing.assert_close(per_draw, expected, rtol=1e-5, atol=1e-5)
     whole = model.log_predictive_density(x, y, weights)
     torch.testing.assert_close(whole, torch.logsumexp(expected, 0) - torch.log(torch.tensor(5.0)))
@@ -130,8 +128,6 @@ def test_log_density_and_chunked_predictive_density(covariance, d_y):
 def test_observed_site_is_the_mixture(batched):
     # The likelihood the model hands Pyro computes lazily, but its log density is the
     # mixture's, its shapes follow Pyro's plates, and its draws come from the mixture.
-    from bayes_mdn.mixtures import marginal_cdf, mixture_distribution
-
     model = small_model("last", d_x=2, d_y=1).double()
     model.y_loc.fill_(0.3)
     model.y_scale.fill_(2.0)
@@ -143,14 +139,14 @@ def test_observed_site_is_the_mixture(batched):
     trace = poutine.trace(poutine.condition(model, weights)).get_trace(x, y)
     site = trace.nodes[OBS_SITE]["fn"]
     assert site.batch_shape == ((3, 4) if batched else (4,))
-    expected = mixture_distribution(model.mixture(x, weights)).log_prob(y)
+    expected = model.mixture(x, weights).distribution().log_prob(y)
     torch.testing.assert_close(site.log_prob(y), expected)
     # Expanded to independent draws (what Predictive's vectorizing plate does), sampled.
     wide = site.expand((5_000, 4) if not batched else (5_000, 3, 4))
     draws = wide.sample()
     assert draws.shape == ((5_000, 4, 1) if not batched else (5_000, 3, 4, 1))
     with torch.no_grad():
-        pit = marginal_cdf(model.mixture(x, weights), draws).sort(0).values
+        pit = model.mixture(x, weights).distribution().cdf(draws).sort(0).values
     grid = torch.linspace(0, 1, 5_001, dtype=torch.float64)[1:].reshape(-1, *[1] * (pit.dim() - 1))
     assert float((pit - grid).abs().amax()) < 0.04  # KS distance; 0.024 is the 1% critical value
     with pytest.raises(ValueError, match="expand"):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from bayes_mdn import BayesianMDN, mixtures
+from bayes_mdn import BayesianMDN
 from bayes_mdn import predict as P
 from bayes_mdn._utils import pyro_scope
 from bayes_mdn.datasets import make_noisy_ring, noisy_ring_log_density, noisy_ring_radius
@@ -81,7 +81,7 @@ def test_batched_weights_give_one_mixture_per_draw(covariance: str) -> None:
     extra = (3,) if covariance == "full" else ()
     assert params.scale.shape == (6, 4, 4, 3, *extra)
     y = torch.randn(4, 3)
-    assert mixtures.log_prob(params, y).shape == (6, 4)
+    assert params.distribution().log_prob(y).shape == (6, 4)
     assert model.log_predictive_density(torch.randn(4, 2), y, weights).shape == (4,)
 
 
@@ -89,7 +89,7 @@ def test_batched_weights_give_one_mixture_per_draw(covariance: str) -> None:
 def test_gradient_reaches_every_parameter(covariance: str) -> None:
     net = MixtureDensityNetwork(d_x=2, d_y=3, n_components=4, hidden=(8,), covariance=covariance)
     x, y = torch.randn(32, 2), torch.randn(32, 3)
-    log_p = mixtures.log_prob(net(x), y)
+    log_p = net(x).distribution().log_prob(y)
     assert log_p.shape == (32,)
     log_p.sum().backward()
     for name, param in net.named_parameters():
@@ -117,57 +117,59 @@ def test_full_mixture_log_prob_matches_explicit_sum() -> None:
         -1,
     )
     expected = torch.logsumexp(torch.log_softmax(p.logits, -1) + comps, -1)
-    torch.testing.assert_close(mixtures.log_prob(p, y), expected)
+    torch.testing.assert_close(p.distribution().log_prob(y), expected)
 
 
 def test_full_mixture_moments_cdf_quantiles() -> None:
     p = _random_full(3, 4, 2)
     torch.manual_seed(0)
-    draws = mixtures.mixture_distribution(p).sample((200_000,))
+    draws = p.distribution().sample((200_000,))
     # Monte Carlo tolerances: the largest standard error of these moments is about 0.01.
-    torch.testing.assert_close(mixtures.mean(p), draws.mean(0), atol=0.04, rtol=0)
+    torch.testing.assert_close(p.distribution().mean, draws.mean(0), atol=0.04, rtol=0)
     centered = draws - draws.mean(0)
     sample_cov = torch.einsum("sni,snj->nij", centered, centered) / len(draws)
-    torch.testing.assert_close(mixtures.covariance(p), sample_cov, atol=0.08, rtol=0.02)
+    torch.testing.assert_close(
+        p.distribution().covariance_matrix, sample_cov, atol=0.08, rtol=0.02
+    )
     y = torch.randn(3, 2, dtype=torch.float64)
     empirical = (draws <= y).double().mean(0)
-    torch.testing.assert_close(mixtures.marginal_cdf(p, y), empirical, atol=0.005, rtol=0)
+    torch.testing.assert_close(p.distribution().cdf(y), empirical, atol=0.005, rtol=0)
     q = torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64)
-    quant = mixtures.marginal_quantiles(p, q)
+    quant = p.distribution().quantiles(q)
     assert quant.shape == (3, 3, 2)
     torch.testing.assert_close(
-        mixtures.marginal_cdf(p, quant), q[:, None, None].expand(3, 3, 2), atol=1e-9, rtol=0
+        p.distribution().cdf(quant), q[:, None, None].expand(3, 3, 2), atol=1e-9, rtol=0
     )
 
 
 def test_single_full_gaussian_exact_moments_and_mode() -> None:
     p = _random_full(2, 1, 3)
-    torch.testing.assert_close(mixtures.covariance(p), (p.scale @ p.scale.mT)[:, 0])
+    torch.testing.assert_close(p.distribution().covariance_matrix, (p.scale @ p.scale.mT)[:, 0])
     sd = (p.scale @ p.scale.mT)[:, 0].diagonal(dim1=-2, dim2=-1).sqrt()
     y = torch.zeros(2, 3, dtype=torch.float64)
     expected_cdf = torch.special.ndtr((y - p.loc[:, 0]) / sd)
-    torch.testing.assert_close(mixtures.marginal_cdf(p, y), expected_cdf)
-    modes, log_dens = mixtures.modes(p)
+    torch.testing.assert_close(p.distribution().cdf(y), expected_cdf)
+    modes, log_dens = p.distribution().modes()
     torch.testing.assert_close(modes[:, 0], p.loc[:, 0])
-    torch.testing.assert_close(log_dens[:, 0], mixtures.log_prob(p, p.loc[:, 0]))
+    torch.testing.assert_close(log_dens[:, 0], p.distribution().log_prob(p.loc[:, 0]))
 
 
 def test_full_modes_are_stationary_local_maxima() -> None:
     p = _random_full(3, 4, 2)
-    modes, log_dens = mixtures.modes(p)
+    modes, log_dens = p.distribution().modes()
     for i in range(3):
         found = modes[i][~torch.isnan(modes[i]).any(-1)]
         assert len(found) >= 1
         point = found.clone().requires_grad_(True)
         m = len(found)
         sub = p.map(lambda t, i=i, m=m: t[i : i + 1].expand(m, *t.shape[1:]))
-        density = mixtures.log_prob(sub, point)
+        density = sub.distribution().log_prob(point)
         (grad,) = torch.autograd.grad(density.sum(), point)
         assert grad.abs().max() < 1e-4
         # A maximum: the density drops a little way off in every direction.
         for step in torch.eye(2, dtype=torch.float64) * 1e-2:
             for sign in (1, -1):
-                assert bool((mixtures.log_prob(sub, found + sign * step) < density).all())
+                assert bool((sub.distribution().log_prob(found + sign * step) < density).all())
         # Sorted by density, highest first.
         dens = log_dens[i][~torch.isnan(log_dens[i])]
         assert bool((dens[:-1] >= dens[1:]).all())
@@ -183,7 +185,7 @@ def test_modes_of_nearly_singular_float32_components() -> None:
     p = MixtureParams(
         torch.zeros(1, 3), torch.stack([0 * u, 0.5 * u, -0.5 * u])[None], tril.expand(1, 3, 2, 2)
     ).map(lambda t: t.float())
-    modes, log_dens = mixtures.modes(p)
+    modes, log_dens = p.distribution().modes()
     assert modes.dtype == torch.float32
     assert int((~torch.isnan(log_dens)).sum()) == 1
     torch.testing.assert_close(modes[0, 0], torch.zeros(2), atol=1e-4, rtol=0)
@@ -194,18 +196,18 @@ def test_affine_full_changes_units_exactly() -> None:
     loc = torch.tensor([1.0, -2.0], dtype=torch.float64)
     scale = torch.tensor([0.5, 3.0], dtype=torch.float64)
     z = torch.randn(3, 2, dtype=torch.float64)
-    moved = mixtures.affine(p, loc, scale)
-    expected = mixtures.log_prob(p, z) - scale.log().sum()
-    torch.testing.assert_close(mixtures.log_prob(moved, loc + scale * z), expected)
+    moved = p.distribution().affine(loc, scale)
+    expected = p.distribution().log_prob(z) - scale.log().sum()
+    torch.testing.assert_close(moved.log_prob(loc + scale * z), expected)
     torch.testing.assert_close(
-        mixtures.covariance(moved), scale[:, None] * mixtures.covariance(p) * scale
+        moved.covariance_matrix, scale[:, None] * p.distribution().covariance_matrix * scale
     )
 
 
 def test_pool_draws_full_keeps_matrix_axes() -> None:
     draws = _random_full(5, 3, 2)  # the leading 5 becomes S draws, repeated at n = 2 points
     params = draws.map(lambda t: t.reshape(5, 1, *t.shape[1:]).expand(5, 2, *t.shape[1:]))
-    pooled = mixtures.pool_draws(params)
+    pooled = params.distribution().pool()
     assert pooled.logits.shape == (2, 15)
     assert pooled.scale.shape == (2, 15, 2, 2)
     torch.testing.assert_close(torch.logsumexp(pooled.logits, -1), torch.zeros(2).double())

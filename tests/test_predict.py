@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from bayes_mdn import mixtures, predict
+from bayes_mdn import predict
 from bayes_mdn._utils import pyro_scope
 from tests.helpers import model_and_guide, small_data
 
@@ -24,7 +24,7 @@ def test_log_predictive_density_is_log_mean_exp(guide, bayesian):
     x, y = small_data(9)
     lpd = predict.log_predictive_density(model, g, x, y, num_draws=5, seed=3)
     params = predict.predictive_params(model, g, x, num_draws=5, seed=3)
-    per_draw = mixtures.log_prob(params, y)
+    per_draw = params.distribution().log_prob(y)
     expected = torch.logsumexp(per_draw, 0) - math.log(per_draw.shape[0])
     torch.testing.assert_close(lpd, expected)
     assert per_draw.shape[0] == (5 if guide == "normal" else 1)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy import stats
 
-from bayes_mdn import mixtures, scores
+from bayes_mdn import scores
 from bayes_mdn.nets import MixtureParams
 
 
@@ -52,7 +52,7 @@ def test_crps_mixture_against_sampled_estimate() -> None:
     y = torch.tensor([[-2.0], [0.0], [4.0]], dtype=torch.float64)
     exact = scores.crps_mixture(p, y)[:, 0]
     # CRPS = E|X - y| - E|X - X'| / 2 with X, X' independent draws of the mixture.
-    dist = mixtures.mixture_distribution(p)
+    dist = p.distribution()
     a, b = dist.sample((200_000,))[..., 0], dist.sample((200_000,))[..., 0]
     sampled = ((a - y[:, 0]).abs().mean(0) - 0.5 * (a - b).abs().mean(0)).numpy()
     # Monte Carlo standard error here is about 0.005; 0.02 is four of them.
@@ -72,7 +72,7 @@ def test_coverage_of_own_draws_matches_levels() -> None:
     torch.manual_seed(0)
     n = 4000
     p = _mixture(n)
-    y = mixtures.mixture_distribution(p).sample()
+    y = p.distribution().sample()
     levels = (0.5, 0.8, 0.9, 0.95)
     cov = scores.interval_coverage(p, y, levels)[:, 0]
     se = np.sqrt(np.array(levels) * (1 - np.array(levels)) / n)
@@ -83,7 +83,7 @@ def test_energy_score_reduces_to_crps_in_one_dimension() -> None:
     torch.manual_seed(0)
     p = _mixture(3)
     y = torch.tensor([[-2.0], [0.0], [4.0]], dtype=torch.float64)
-    draws = mixtures.mixture_distribution(p).sample((4000,))  # (S, n, 1)
+    draws = p.distribution().sample((4000,))  # (S, n, 1)
     es = scores.energy_score(draws, y)
     assert es.shape == (3,)
     # With 4000 draws the standard error of the estimate is up to 0.03 (at y = 4).
