@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import torch
+from pyro import poutine
 from pyro.infer import Trace_ELBO
-from pyro.infer.autoguide import AutoNormal
+from pyro.infer.autoguide import AutoDelta, AutoNormal
 from torch import Tensor, nn
 from torch.distributions import transform_to
 from torch.distributions.transforms import ComposeTransform, IndependentTransform
@@ -28,7 +29,7 @@ from ._archive import ModelFileError, TensorSpec, read_archive, write_archive
 from ._utils import pyro_scope, resolve_device, seeded
 from ._validation import check_seed
 from .guides import PointGuide, draw_latents, is_deterministic
-from .model import MixtureDensityModel
+from .model import OBS_SITE, MixtureDensityModel
 
 __all__ = [
     "LR_SCHEDULES",
@@ -40,6 +41,7 @@ __all__ = [
     "checkpoint_identity",
     "fit_nuts",
     "fit_svi",
+    "fused_loss_applies",
 ]
 
 LR_SCHEDULES = ("onecycle", "cosine", "constant")
@@ -444,18 +446,57 @@ def _cpu_threads(num_threads: int | None, device: torch.device) -> Iterator[None
         torch.set_num_threads(before)
 
 
+def fused_loss_applies(model: nn.Module, guide: nn.Module) -> bool:
+    """True when :class:`MapLoss` or :class:`MeanFieldLoss` computes exactly the
+    ``Trace_ELBO`` objective of this model and guide.
+
+    The fused losses know the built-in model's sites and densities and nothing else, so
+    the check is structural: the model is exactly :class:`MixtureDensityModel` (a
+    subclass may add sample sites or factors, or change a density), the guide exactly
+    ``AutoDelta``, ``AutoNormal`` or :class:`~bayes_mdn.guides.PointGuide`, and a trace of
+    the model on one row holds exactly its latent sites, the data plate and the observed
+    site, in order.
+    Anything else trains through ``Trace_ELBO``.
+
+    Examples
+    --------
+    >>> from bayes_mdn.guides import make_guide
+    >>> from bayes_mdn.nets import MixtureDensityNetwork
+    >>> net = MixtureDensityNetwork(d_x=1, d_y=1, n_components=2, hidden=(4,))
+    >>> one = torch.ones(1)
+    >>> model = MixtureDensityModel(net, x_loc=0 * one, x_scale=one, y_loc=0 * one, y_scale=one)
+    >>> fused_loss_applies(model, make_guide(model, "normal"))
+    True
+    >>> fused_loss_applies(model, make_guide(model, "lowrank"))
+    False
+    """
+    if type(model) is not MixtureDensityModel:
+        return False
+    if type(guide) not in (AutoDelta, AutoNormal, PointGuide):
+        return False
+    like = model.x_loc
+    x = torch.zeros(1, model.net.d_x, dtype=like.dtype, device=like.device)
+    y = torch.zeros(1, model.net.d_y, dtype=like.dtype, device=like.device)
+    with pyro_scope(), torch.no_grad(), seeded(0, like.device):
+        trace = poutine.trace(model).get_trace(x, y)
+    # The data plate records its subsample as a sample site of its own, named "data".
+    sites = [name for name, site in trace.nodes.items() if site["type"] == "sample"]
+    return sites == [*model.latent_names, "data", OBS_SITE]
+
+
 def _make_loss(model: MixtureDensityModel, guide: nn.Module, config: FitConfig) -> nn.Module:
     """The loss module the loop minimizes: ``loss(x, y, subsample=idx, n_total=n)``.
 
-    Deterministic guides get :class:`MapLoss`, the same objective as ``Trace_ELBO`` at a
-    fraction of the per-step cost (particles and JIT change nothing for a point mass).
-    ``AutoNormal`` gets :class:`MeanFieldLoss`, the same estimator from the same draws as
-    ``Trace_ELBO``. Other stochastic guides get ``Trace_ELBO``, particles vectorized in
-    one pass. ``config.jit`` is refused for those (see :class:`FitConfig`).
+    Where :func:`fused_loss_applies`, deterministic guides get :class:`MapLoss`, the same
+    objective as ``Trace_ELBO`` at a fraction of the per-step cost (particles and JIT
+    change nothing for a point mass), and ``AutoNormal`` gets :class:`MeanFieldLoss`, the
+    same estimator from the same draws as ``Trace_ELBO``. Every other model and guide
+    gets ``Trace_ELBO`` itself, particles vectorized in one pass; ``config.jit`` is
+    refused there (see :class:`FitConfig`).
     """
-    if is_deterministic(guide):
-        return MapLoss(model, guide)
-    if isinstance(guide, AutoNormal):
+    if fused_loss_applies(model, guide):
+        if is_deterministic(guide):
+            return MapLoss(model, guide)
         return MeanFieldLoss(model, guide, config.num_particles)
     if config.jit:
         raise ValueError(

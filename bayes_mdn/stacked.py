@@ -377,32 +377,20 @@ def fit_stacked(
             last = epoch + 1 == epochs
             check = has_val and ((epoch + 1) % eval_every == 0 or last)
             scores = _validation_scores(stack, x, y, val_idx, val_eps) if check else None
-            for m, h in enumerate(histories):
-                if not active[m]:
-                    continue
-                h.steps += steps_per_epoch
-                h.train_loss.append(mean_loss[m])
-                if not has_val:
-                    h.best_epoch = epoch
-                    continue
-                if scores is None:
-                    continue
-                h.val_nll.append(scores[m])
-                h.val_epochs.append(epoch)
-                if scores[m] < best_score[m]:
-                    best_score[m], h.best_epoch, stale[m] = scores[m], epoch, 0
-                    with torch.no_grad():
-                        for key, value in live_state.items():
-                            best_state[key][m].copy_(value[m])
-                else:
-                    stale[m] = epoch - h.best_epoch
-                if patience is not None and stale[m] >= patience and not last:
-                    h.stopped_early = True
-                    active[m] = False
-            if not has_val:
-                with torch.no_grad():
-                    for key, value in live_state.items():
-                        best_state[key].copy_(value)
+            _record_round(
+                histories,
+                [m for m in range(n_members) if active[m]],
+                epoch,
+                steps_per_epoch,
+                mean_loss,
+                scores,
+                has_val=has_val,
+                stale_unit=1,
+                patience=patience,
+                last=last,
+                tracking=(best_score, stale, active),
+                states=(best_state, live_state),
+            )
             # Members that stopped before this epoch have no loss in it (NaN).
             live_losses = [v for v in mean_loss if math.isfinite(v)]
             bar.set_postfix(
@@ -437,6 +425,61 @@ def fit_stacked(
     for h in histories:
         h.seconds = seconds
     return histories
+
+
+def _record_round(
+    histories: Sequence[FitHistory],
+    members: Sequence[int],
+    index: int,
+    steps: int,
+    mean_loss: Sequence[float],
+    scores: Sequence[float] | None,
+    *,
+    has_val: bool,
+    stale_unit: int,
+    patience: int | None,
+    last: bool,
+    tracking: tuple[list[float], list[int], list[bool]],
+    states: tuple[dict[str, Tensor], Mapping[str, Tensor]],
+) -> None:
+    """Book one round of a stacked fit (an epoch, or a streamed fit's validation round).
+
+    For each of ``members`` (the live ones): its steps and mean training loss; with a
+    validation score, the score, the best state when the score improves, how stale the
+    best is (rounds since it, times ``stale_unit``, in the unit of ``patience``) and an
+    early stop once that reaches ``patience`` (never in the ``last`` round). Without a
+    held-out split every round is the best and the whole live state is kept. ``tracking``
+    (best score, staleness, live flag per member) and ``states`` (the best state, stacked
+    by member, and the live one) are updated in place; ``scores`` is None in a round
+    without a validation check.
+    """
+    best_score, stale, active = tracking
+    best_state, live_state = states
+    for m in members:
+        h = histories[m]
+        h.steps += steps
+        h.train_loss.append(mean_loss[m])
+        if not has_val:
+            h.best_epoch = index
+            continue
+        if scores is None:
+            continue
+        h.val_nll.append(scores[m])
+        h.val_epochs.append(index)
+        if scores[m] < best_score[m]:
+            best_score[m], h.best_epoch, stale[m] = scores[m], index, 0
+            with torch.no_grad():
+                for key, value in live_state.items():
+                    best_state[key][m].copy_(value[m])
+        else:
+            stale[m] = (index - h.best_epoch) * stale_unit
+        if patience is not None and stale[m] >= patience and not last:
+            h.stopped_early = True
+            active[m] = False
+    if not has_val:
+        with torch.no_grad():
+            for key, value in live_state.items():
+                best_state[key].copy_(value)
 
 
 def _validation_normals(

@@ -72,6 +72,7 @@ from .sources import RunningMoments, Source
 from .stacked import (
     StackedLoss,
     _per_member_grad_clip,
+    _record_round,
     _restore,
     _validation_normals,
     _write,
@@ -481,29 +482,20 @@ def _run(fabric: Any, job: StreamJob) -> dict[str, Any]:
             scores = (
                 _val_scores(stack, x_val, y_val, val_eps, plan.n_val, reduce) if has_val else None
             )
-            for i in live_ids:
-                h = histories[i]
-                h.steps += n_steps
-                h.train_loss.append(mean_loss[i])
-                if scores is None:
-                    h.best_epoch = r
-                    continue
-                h.val_nll.append(scores[i])
-                h.val_epochs.append(r)
-                if scores[i] < best_score[i]:
-                    best_score[i], h.best_epoch, stale[i] = scores[i], r, 0
-                    with torch.no_grad():
-                        for key, value in live_state.items():
-                            best_state[key][i].copy_(value[i])
-                else:
-                    stale[i] = (r - h.best_epoch) * round_steps
-                if patience is not None and stale[i] >= patience and not last:
-                    h.stopped_early = True
-                    active[i] = False
-            if scores is None:
-                with torch.no_grad():
-                    for key, value in live_state.items():
-                        best_state[key].copy_(value)
+            _record_round(
+                histories,
+                live_ids,
+                r,
+                n_steps,
+                mean_loss,
+                scores,
+                has_val=has_val,
+                stale_unit=round_steps,
+                patience=patience,
+                last=last,
+                tracking=(best_score, stale, active),
+                states=(best_state, live_state),
+            )
             if rank == 0:
                 shown = [v for v in mean_loss if math.isfinite(v)]
                 bar.set_postfix(  # type: ignore[union-attr]

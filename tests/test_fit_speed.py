@@ -1,11 +1,20 @@
 """The fused MAP objective equals Trace_ELBO: same loss value and same gradients."""
 
+import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import Trace_ELBO
 
 from bayes_mdn._utils import pyro_scope
-from bayes_mdn.fit import FitConfig, MapLoss, MeanFieldLoss, _make_loss, fit_svi
+from bayes_mdn.fit import (
+    FitConfig,
+    MapLoss,
+    MeanFieldLoss,
+    _make_loss,
+    fit_svi,
+    fused_loss_applies,
+)
 from bayes_mdn.guides import make_guide
 from bayes_mdn.model import MixtureDensityModel
 from bayes_mdn.nets import MixtureDensityNetwork
@@ -272,3 +281,45 @@ def test_log_prior_follows_changed_prior_scales():
     value = model.log_prior({n: w.float() for n, w in weights.items()})
     assert value.dtype == torch.float32
     torch.testing.assert_close(value, expected().float())
+
+
+class _WithHyperprior(MixtureDensityModel):
+    """The built-in model plus one more latent site, which a factor pulls towards 3."""
+
+    def forward(self, x, y=None, *, subsample=None, n_total=None):
+        extra = pyro.sample("extra", dist.Normal(x.new_zeros(()), 1.0))
+        pyro.factor("pull", -50.0 * (extra - 3.0) ** 2)
+        return super().forward(x, y, subsample=subsample, n_total=n_total)
+
+
+def test_a_model_with_more_sites_trains_through_trace_elbo():
+    built_in, _, x, y = _problem("last")
+    model = _WithHyperprior(
+        built_in.net,
+        bayesian="last",
+        prior_scale=0.7,
+        x_loc=x.mean(0),
+        x_scale=x.std(0),
+        y_loc=y.mean(0),
+        y_scale=y.std(0),
+    )
+    guide = make_guide(model, "normal")
+    assert not fused_loss_applies(model, guide)
+    assert fused_loss_applies(built_in, make_guide(built_in, "normal"))
+    loss = _make_loss(model, guide, FitConfig())
+    assert not isinstance(loss, (MapLoss, MeanFieldLoss))
+    config = FitConfig(
+        epochs=400,
+        batch_size=40,
+        lr=0.05,
+        lr_schedule="constant",
+        val_fraction=0.0,
+        progress=False,
+        device="cpu",
+    )
+    fit_svi(model, guide, x, y, config)
+    # Prior N(0, 1) times the factor's N(3, 1/100): posterior N(300/101, 1/101), sd 0.0995.
+    # A loss that left the site out would leave its location at the initial draw, in
+    # (-2, 2); 0.2 is two posterior sds, far wider than Adam's jitter at lr 0.05.
+    loc = float(guide.locs.extra.detach())
+    assert abs(loc - 300 / 101) < 0.2, loc
