@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 from collections.abc import Sequence
@@ -93,9 +94,11 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         agree inside the data disagree outside it, where tanh features saturate and
         members agree confidently (measured on the data-with-a-hole problem of notebook
         02; see docs/defaults.md).
-    bayesian : {"none", "last", "all"}
+    bayesian : {"none", "last", "all"} or sequence of str
         Layers whose weights get a Gaussian prior and a posterior: none (maximum
-        likelihood), the output layer, or every layer.
+        likelihood), the output layer, or every layer (a backbone's included); or the
+        parameters whose names match any of these glob patterns, such as
+        ``["head.*", "backbone.4.*"]`` (see :func:`bayes_mdn.model.latent_parameters`).
     guide : {"delta", "normal", "lowrank"}
         Variational family: MAP point estimates, mean-field Gaussian, or low-rank
         plus diagonal Gaussian.
@@ -164,6 +167,18 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         layers and gives a starting point, then NUTS samples the latent weights and
         ``guide_`` becomes an :class:`~bayes_mdn.guides.EmpiricalGuide` over those draws,
         so every prediction method works unchanged. Slow: a reference for small problems.
+    backbone : torch.nn.Module or None
+        Your own network in front of the hidden layers and the mixture head: any module
+        that maps a batch of X's rows, shape (n, n_features_in_), to features of shape
+        (n, F) (F is found by one call on zeros). It may reshape its input first (for
+        example ``nn.Unflatten(1, (1, 8, 8))`` in front of a convolutional net for 8 x 8
+        images passed as 64 columns). Each ensemble member starts from a copy of it as
+        given, so pretrained weights are kept; its parameters are named ``backbone.*``
+        and ``bayesian="all"`` or name patterns make them latent. X is standardized per
+        column first, as without a backbone. Saving stores its weights (no pickle);
+        :func:`bayes_mdn.load` then needs ``backbone=`` a module built the same way, and
+        checks that it matches. See :class:`~bayes_mdn.nets.MixtureDensityNetwork` for
+        what it must support (``torch.func.vmap``).
 
     Attributes
     ----------
@@ -255,6 +270,7 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         nuts_samples: int = 200,
         max_tree_depth: int = 5,
         method: Literal["svi", "nuts"] = "svi",
+        backbone: torch.nn.Module | None = None,
     ) -> None:
         self.n_components = n_components
         self.n_members = n_members
@@ -295,6 +311,7 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         self.nuts_samples = nuts_samples
         self.max_tree_depth = max_tree_depth
         self.method = method
+        self.backbone = backbone
 
     # -- scikit-learn protocol -------------------------------------------------------
     @classmethod
@@ -318,9 +335,23 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
 
     # -- configuration checks --------------------------------------------------------
     def _check_options(self) -> FitConfig:
+        if self.backbone is not None and not isinstance(self.backbone, torch.nn.Module):
+            raise TypeError(
+                f"backbone must be a torch.nn.Module or None, got {type(self.backbone).__name__}"
+            )
+        bayesian = self.bayesian
+        if not isinstance(bayesian, str) and not (
+            isinstance(bayesian, Sequence)
+            and len(bayesian) > 0
+            and all(isinstance(p, str) for p in bayesian)
+        ):
+            raise ValueError(
+                f"bayesian must be one of {BAYESIAN_LAYERS} or a non-empty sequence of name "
+                f"patterns, got {bayesian!r}"
+            )
         for name, value, options in (
             ("activation", self.activation, tuple(ACTIVATIONS)),
-            ("bayesian", self.bayesian, BAYESIAN_LAYERS),
+            ("bayesian", bayesian if isinstance(bayesian, str) else "all", BAYESIAN_LAYERS),
             ("guide", self.guide, GUIDES),
             ("covariance", self.covariance, COVARIANCES),
             ("dtype", self.dtype, tuple(DTYPES)),
@@ -645,6 +676,13 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         params = self.get_params()
         if params.get("checkpoint") is not None:
             params["checkpoint"] = os.fspath(params["checkpoint"])
+        if params.get("backbone") is not None:
+            # The module itself is code: the file names its class and stores its weights
+            # with the model's; load(path, backbone=...) supplies a module to hold them.
+            kind = type(params["backbone"])
+            params["backbone"] = {"class": f"{kind.__module__}.{kind.__qualname__}"}
+        if not isinstance(params.get("bayesian"), str):
+            params["bayesian"] = list(params["bayesian"])
         header = {
             "library_version": __version__,
             "params": params,
@@ -675,6 +713,10 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         should live on; ``init_seed`` seeds the network's initialization.
         """
         device, dtype = stats[0].device, stats[0].dtype
+        backbone, n_features = None, None
+        if self.backbone is not None:
+            backbone = copy.deepcopy(self.backbone).to(device=device, dtype=dtype)
+            n_features = _backbone_width(backbone, d_x, device, dtype)
         with seeded(init_seed, device):
             net = MixtureDensityNetwork(
                 d_x=d_x,
@@ -685,6 +727,8 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
                 covariance=self.covariance,
                 min_scale=self.min_scale,
                 prior_function=self.prior_function,
+                backbone=backbone,
+                n_features=n_features,
             ).to(device=device, dtype=dtype)
         x_loc, x_scale, y_loc, y_scale = stats
         model = MixtureDensityModel(
@@ -979,3 +1023,19 @@ def _fit_in_workers(
             guide.load_state_dict(guide_state)
         histories.append(history)
     return histories
+
+
+def _backbone_width(
+    backbone: torch.nn.Module, d_x: int, device: torch.device, dtype: torch.dtype
+) -> int:
+    """F, the width of the features ``backbone`` gives for rows of d_x columns, found by
+    calling it on two rows of zeros (two, so that normalization layers have a batch)."""
+    with torch.no_grad():
+        out = backbone(torch.zeros(2, d_x, device=device, dtype=dtype))
+    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != 2:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(
+            f"backbone must map a batch of rows, shape (n, {d_x}), to features of shape "
+            f"(n, F); on 2 rows it returned {shape}"
+        )
+    return int(out.shape[1])

@@ -67,7 +67,11 @@ def save(estimator: BayesianMDN, path: str | os.PathLike[str]) -> None:
     estimator.save(path)
 
 
-def load(path: str | os.PathLike[str], device: str | torch.device = "auto") -> BayesianMDN:
+def load(
+    path: str | os.PathLike[str],
+    device: str | torch.device = "auto",
+    backbone: torch.nn.Module | None = None,
+) -> BayesianMDN:
     """Read a model written by :func:`save` (or :meth:`BayesianMDN.save`).
 
     Parameters
@@ -76,6 +80,10 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "auto") -> B
     device : where to put the model: "auto" (CUDA when available), "cpu", "cuda", "cuda:N".
         A model saved on a GPU loads on a CPU-only machine. The returned estimator's
         ``device`` parameter is set to this value, so a later ``fit`` trains there too.
+    backbone : for a model fitted with ``BayesianMDN(backbone=...)``, a module built the
+        same way (its weights are overwritten by the saved ones). The file names the
+        backbone's class, and its stored tensors must match the module's parameters and
+        buffers, names, shapes and dtypes, or the file is refused.
 
     Returns
     -------
@@ -107,11 +115,17 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "auto") -> B
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    if backbone is not None and not isinstance(backbone, torch.nn.Module):
+        raise TypeError(
+            f"backbone must be a torch.nn.Module or None, got {type(backbone).__name__}"
+        )
     target = resolve_device(device)
     where = repr(os.fspath(path))
     try:
-        header = read_archive(path, _KIND, FORMAT_VERSION, check=_check_declared)
-        return _rebuild(header, target, str(device))
+        header = read_archive(
+            path, _KIND, FORMAT_VERSION, check=lambda h: _check_declared(h, backbone)
+        )
+        return _rebuild(header, target, str(device), backbone)
     except ModelFileError as err:
         if str(err).startswith(where):
             raise
@@ -142,7 +156,9 @@ def _short(err: BaseException, limit: int = 500) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _estimator(header: dict[str, Any], device_name: str) -> tuple[BayesianMDN, int, int]:
+def _estimator(
+    header: dict[str, Any], device_name: str, backbone: torch.nn.Module | None
+) -> tuple[BayesianMDN, int, int]:
     """The estimator the header's settings describe, checked, and (n_features, n_outputs)."""
     for section in ("params", "fitted", "model", "guide"):
         if not isinstance(header.get(section), dict):
@@ -152,6 +168,7 @@ def _estimator(header: dict[str, Any], device_name: str) -> tuple[BayesianMDN, i
     params.setdefault("n_members", 1)
     # Files written before randomized prior functions hold networks without one.
     params.setdefault("prior_function", 0.0)
+    params["backbone"] = _backbone(params.get("backbone"), backbone)
     valid = set(BayesianMDN._param_names())
     unknown = sorted(set(params) - valid)
     if unknown:
@@ -179,7 +196,34 @@ def _estimator(header: dict[str, Any], device_name: str) -> tuple[BayesianMDN, i
     return est, d_x, d_y
 
 
-def _check_declared(header: dict[str, Any]) -> None:
+def _backbone(declared: object, given: torch.nn.Module | None) -> torch.nn.Module | None:
+    """The backbone for a file that declares ``declared`` (None, or the class of the one it
+    was fitted with), given ``given`` by the caller of :func:`load`."""
+    if declared is None:
+        if given is not None:
+            raise ModelFileError(
+                "the model was fitted without a backbone, but load was given one; "
+                "call load(path) without backbone="
+            )
+        return None
+    name = declared.get("class") if isinstance(declared, dict) else None
+    if not isinstance(name, str):
+        raise ModelFileError(f"the header's backbone entry is malformed: {declared!r}")
+    if given is None:
+        raise ModelFileError(
+            f"the model was fitted with a backbone of class {name}: pass load(path, "
+            "backbone=...) a module built the same way; its weights come from the file"
+        )
+    kind = type(given)
+    if f"{kind.__module__}.{kind.__qualname__}" != name:
+        raise ModelFileError(
+            f"the model was fitted with a backbone of class {name}, but load was given a "
+            f"{kind.__module__}.{kind.__qualname__}"
+        )
+    return given
+
+
+def _check_declared(header: dict[str, Any], backbone: torch.nn.Module | None = None) -> None:
     """Refuse a header whose network differs from the tensors the file stores.
 
     Called with :class:`TensorSpec` in place of each tensor, before any tensor is read.
@@ -190,7 +234,7 @@ def _check_declared(header: dict[str, Any]) -> None:
     description, and everything the rebuild later allocates is as large as what the
     file really holds.
     """
-    est, d_x, d_y = _estimator(header, "cpu")
+    est, d_x, d_y = _estimator(header, "cpu", backbone)
     stored = {
         section: {k: v for k, v in header[section].items()} for section in ("model", "guide")
     }
@@ -282,8 +326,13 @@ def _build(
     return model, EnsembleGuide([m for m, _ in members], [g for _, g in members])
 
 
-def _rebuild(header: dict[str, Any], device: torch.device, device_name: str) -> BayesianMDN:
-    est, d_x, d_y = _estimator(header, device_name)
+def _rebuild(
+    header: dict[str, Any],
+    device: torch.device,
+    device_name: str,
+    backbone: torch.nn.Module | None = None,
+) -> BayesianMDN:
+    est, d_x, d_y = _estimator(header, device_name, backbone)
     fitted = header["fitted"]
     model, guide = _build(est, d_x, d_y, device, header["model"])
     guide.load_state_dict(header["guide"])

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from fnmatch import fnmatchcase
 from typing import ClassVar, Literal
 
 import pyro
@@ -15,7 +16,13 @@ from torch import Tensor, nn
 from .distributions import MixtureParams
 from .nets import MixtureDensityNetwork
 
-__all__ = ["BAYESIAN_LAYERS", "DEFAULT_MAX_ELEMENTS", "OBS_SITE", "MixtureDensityModel"]
+__all__ = [
+    "BAYESIAN_LAYERS",
+    "DEFAULT_MAX_ELEMENTS",
+    "OBS_SITE",
+    "MixtureDensityModel",
+    "latent_parameters",
+]
 
 BAYESIAN_LAYERS = ("none", "last", "all")
 OBS_SITE = "obs"
@@ -24,6 +31,51 @@ OBS_SITE = "obs"
 DEFAULT_MAX_ELEMENTS = 2**21
 
 Bayesian = Literal["none", "last", "all"]
+
+
+def latent_parameters(net: MixtureDensityNetwork, bayesian: Bayesian | Sequence[str]) -> list[str]:
+    """Names of the network's parameters that ``bayesian`` makes latent, network order.
+
+    ``bayesian`` is a shorthand, ``"none"``, ``"last"`` (the output layer, ``head.*``) or
+    ``"all"`` (``backbone.*``, ``hidden.*`` and ``head.*``), or a sequence of glob
+    patterns over parameter names, as ``fnmatch`` reads them (``["head.*",
+    "backbone.fc.*"]``). The fixed prior-function parameters (``prior*``) are never latent.
+
+    Examples
+    --------
+    >>> net = MixtureDensityNetwork(d_x=1, d_y=1, n_components=2, hidden=(4,))
+    >>> latent_parameters(net, "last")
+    ['head.weight', 'head.bias']
+    >>> latent_parameters(net, ["*.weight"])
+    ['hidden.0.weight', 'head.weight']
+    """
+    if isinstance(bayesian, str):
+        if bayesian not in BAYESIAN_LAYERS:
+            raise ValueError(
+                f"bayesian must be one of {BAYESIAN_LAYERS} or a sequence of name patterns, "
+                f"got {bayesian!r}"
+            )
+        patterns = {"none": [], "last": ["head.*"], "all": ["backbone.*", "hidden.*", "head.*"]}[
+            bayesian
+        ]
+    else:
+        patterns = list(bayesian)
+        if not patterns or not all(isinstance(p, str) for p in patterns):
+            raise ValueError(
+                f"bayesian patterns must be a non-empty sequence of strings, got {bayesian!r}"
+            )
+    names = [
+        name
+        for name, _ in net.named_parameters()
+        if not name.startswith("prior") and any(fnmatchcase(name, p) for p in patterns)
+    ]
+    if not isinstance(bayesian, str) and not names:
+        trainable = [n for n, _ in net.named_parameters() if not n.startswith("prior")]
+        raise ValueError(
+            f"bayesian patterns {patterns} match no parameter of the network; its "
+            f"parameters are {trainable[:8]}{' ...' if len(trainable) > 8 else ''}"
+        )
+    return names
 
 
 class MixtureDensityModel(nn.Module):
@@ -41,8 +93,10 @@ class MixtureDensityModel(nn.Module):
     ----------
     net : MixtureDensityNetwork
         The network; its initial weights are also the initial values of the guide.
-    bayesian : {"none", "last", "all"}
-        Which layers get priors: none (maximum likelihood), the output layer, all layers.
+    bayesian : {"none", "last", "all"} or sequence of str
+        Which parameters get priors: none (maximum likelihood), the output layer, every
+        layer (a backbone's included), or the parameters whose names match any of these
+        glob patterns (see :func:`latent_parameters`).
     prior_scale : float
         Prior standard deviation of a latent bias, and of a latent weight times
         sqrt(fan_in).
@@ -63,7 +117,7 @@ class MixtureDensityModel(nn.Module):
         self,
         net: MixtureDensityNetwork,
         *,
-        bayesian: Bayesian = "last",
+        bayesian: Bayesian | Sequence[str] = "last",
         prior_scale: float = 32.0,
         x_loc: Tensor,
         x_scale: Tensor,
@@ -71,17 +125,12 @@ class MixtureDensityModel(nn.Module):
         y_scale: Tensor,
     ) -> None:
         super().__init__()
-        if bayesian not in BAYESIAN_LAYERS:
-            raise ValueError(f"bayesian must be one of {BAYESIAN_LAYERS}, got {bayesian!r}")
         if not prior_scale > 0:
             raise ValueError(f"prior_scale must be > 0, got {prior_scale!r}")
         self.net = net
         self.bayesian = bayesian
-        layers = {"none": [], "last": ["head"], "all": net.layer_names}[bayesian]
         self.latent_shapes: dict[str, torch.Size] = {
-            name: param.shape
-            for name, param in net.named_parameters()
-            if name.rsplit(".", 1)[0] in layers
+            name: net.get_parameter(name).shape for name in latent_parameters(net, bayesian)
         }
         # Latent weights are sampled, not optimized: their nn.Parameters stay only as the
         # network's initialization, which the guides start from.
@@ -93,7 +142,9 @@ class MixtureDensityModel(nn.Module):
         # One prior standard deviation per latent site, kept as buffers so .to() moves them.
         self._prior_names = {}
         for i, (name, shape) in enumerate(self.latent_shapes.items()):
-            fan_in = shape[1] if len(shape) == 2 else 1
+            # Weights of any rank (linear, convolution) by their fan-in; vectors (biases,
+            # normalization scales) by prior_scale itself.
+            fan_in = math.prod(shape[1:]) if len(shape) >= 2 else 1
             scale = torch.tensor(float(prior_scale) / math.sqrt(fan_in), dtype=ref.dtype)
             self._prior_names[name] = f"_prior_scale_{i}"
             self.register_buffer(self._prior_names[name], scale)

@@ -8,11 +8,13 @@ vectorized pass.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call, vmap
 from torch.nn import functional as F
 
 from .distributions import Covariance, GaussianMixture, MixtureParams
@@ -54,7 +56,8 @@ class MixtureDensityNetwork(nn.Module):
     Parameters
     ----------
     d_x : int
-        Number of input features.
+        Number of input features (with a ``backbone``, only recorded: the backbone
+        decides what inputs it accepts).
     d_y : int
         Dimension of the target.
     n_components : int
@@ -80,6 +83,19 @@ class MixtureDensityNetwork(nn.Module):
         sqrt(2) for ReLU, else 1), hidden biases Normal(0, 1) (so that its kinks fall
         anywhere in the standardized inputs), output bias zero.
 
+    backbone : torch.nn.Module or None
+        Any module mapping a batch of inputs, shape (n, ...), to features of shape
+        (n, ``n_features``), placed in front of the hidden layers (which may be empty):
+        a convolutional net for images, an embedding, a sequence encoder. Its parameters
+        are named ``backbone.*``; draws of them (latent backbone weights, ensemble members)
+        are evaluated with ``torch.func.functional_call`` under ``torch.func.vmap``, so
+        the backbone must be vmap-compatible (no in-place updates of buffers in the forward
+        pass: batch norm in training mode is not). With a prior function, a copy of the
+        backbone with fresh parameters (``reset_parameters`` of every submodule) feeds the
+        prior network.
+    n_features : int or None
+        Width of the backbone's output; required with a backbone.
+
     Examples
     --------
     >>> net = MixtureDensityNetwork(d_x=1, d_y=2, n_components=3, hidden=(8,))
@@ -98,8 +114,21 @@ class MixtureDensityNetwork(nn.Module):
         covariance: Covariance = "diagonal",
         min_scale: float = 0.02,
         prior_function: float = 0.0,
+        backbone: nn.Module | None = None,
+        n_features: int | None = None,
     ) -> None:
         super().__init__()
+        if backbone is not None and not isinstance(backbone, nn.Module):
+            raise TypeError(
+                f"backbone must be a torch.nn.Module or None, got {type(backbone).__name__}"
+            )
+        if backbone is not None and (
+            not isinstance(n_features, int) or isinstance(n_features, bool) or n_features < 1
+        ):
+            raise ValueError(
+                "a backbone needs n_features, the width of its output (an integer >= 1), "
+                f"got {n_features!r}"
+            )
         for name, value in (("d_x", d_x), ("d_y", d_y), ("n_components", n_components)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -123,7 +152,9 @@ class MixtureDensityNetwork(nn.Module):
         self.covariance = covariance
         self.min_scale = float(min_scale)
         self.activation = ACTIVATIONS[activation]()
-        widths = [d_x, *hidden]
+        # Registered first: parameters are listed input first (backbone, hidden, head).
+        self.backbone = backbone
+        widths = [d_x if backbone is None else int(n_features), *hidden]
         self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
         n_tril = d_y * (d_y - 1) // 2 if covariance == "full" else 0
         self._sizes = (n_components, n_components * d_y, n_components * d_y, n_components * n_tril)
@@ -131,7 +162,10 @@ class MixtureDensityNetwork(nn.Module):
         self._init_head()
         self.prior_function = float(prior_function)
         self.prior: nn.ModuleList | None = None
+        self.prior_backbone: nn.Module | None = None
         if self.prior_function > 0:
+            if backbone is not None:
+                self.prior_backbone = _reinitialized(backbone).requires_grad_(False)
             self.prior = nn.ModuleList(
                 nn.Linear(a, b) for a, b in zip(widths, [*hidden, n_components * d_y])
             )
@@ -159,11 +193,6 @@ class MixtureDensityNetwork(nn.Module):
             target_scale = 0.6 if k > 1 else 1.0
             bias[start : start + k * d] = _softplus_inverse(target_scale - self.min_scale)
             self.head.bias.copy_(bias)
-
-    @property
-    def layer_names(self) -> list[str]:
-        """Names of the linear layers, input first: ``hidden.0``, ..., ``head``."""
-        return [f"hidden.{i}" for i in range(len(self.hidden))] + ["head"]
 
     def forward(self, x: Tensor, weights: Mapping[str, Tensor] | None = None) -> MixtureParams:
         """Mixture parameters for each row of ``x``.
@@ -199,6 +228,8 @@ class MixtureDensityNetwork(nn.Module):
         output layer (zeros elsewhere): shape (B?, n, ``n_outputs``)."""
         assert self.prior is not None
         *hidden, out = self.prior
+        if self.prior_backbone is not None:
+            x = _call(self.prior_backbone, "prior_backbone", x, weights)
         h = self._layers(x, "prior", hidden, weights)
         name = f"prior.{len(hidden)}"
         h = _linear(
@@ -209,7 +240,10 @@ class MixtureDensityNetwork(nn.Module):
 
     def features(self, x: Tensor, weights: Mapping[str, Tensor] | None = None) -> Tensor:
         """The last hidden layer's output (the head's input), shape (B?, n, width)."""
-        return self._layers(x, "hidden", self.hidden, weights or {})
+        weights = weights or {}
+        if self.backbone is not None:
+            x = _call(self.backbone, "backbone", x, weights)
+        return self._layers(x, "hidden", self.hidden, weights)
 
     def _layers(
         self, h: Tensor, prefix: str, layers: Sequence[nn.Linear], weights: Mapping[str, Tensor]
@@ -382,3 +416,42 @@ class MixtureDensityNetwork(nn.Module):
 
 def _softplus_inverse(y: float) -> float:
     return y + math.log(-math.expm1(-y))
+
+
+def _call(module: nn.Module, prefix: str, x: Tensor, weights: Mapping[str, Tensor]) -> Tensor:
+    """``module(x)`` with any replacement weights named ``<prefix>.<parameter>``.
+
+    x holds rows of features, (n, d_x), or one batch of rows per draw, (B, n, d_x) (a
+    stacked ensemble trains each member on its own mini-batch). Replacements with a
+    leading batch dimension B (posterior draws, ELBO particles, ensemble members) are
+    evaluated with ``torch.func.functional_call`` under ``torch.func.vmap``: one network
+    per draw in one vectorized pass, giving (B, n, features).
+    """
+    start = len(prefix) + 1
+    sub = {name[start:]: w for name, w in weights.items() if name.startswith(prefix + ".")}
+    own = dict(module.named_parameters())
+    batched = {k: v for k, v in sub.items() if v.dim() > own[k].dim()}
+    fixed = {k: v for k, v in sub.items() if k not in batched}
+    paired = x.dim() == 3
+    if not batched and not paired:
+        return functional_call(module, fixed, (x,)) if fixed else module(x)
+    if not batched:
+        return vmap(lambda rows: functional_call(module, fixed, (rows,)))(x)
+    if paired and x.shape[0] == 1:
+        x, paired = x[0], False
+
+    def one(draw: dict[str, Tensor], rows: Tensor) -> Tensor:
+        return functional_call(module, {**fixed, **draw}, (rows,))
+
+    return vmap(one, in_dims=(0, 0 if paired else None))(batched, x)
+
+
+def _reinitialized(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` with fresh random parameters: every submodule that has
+    ``reset_parameters`` (linear, convolution, normalization layers...) calls it."""
+    fresh = copy.deepcopy(module)
+    for sub in fresh.modules():
+        reset = getattr(sub, "reset_parameters", None)
+        if callable(reset):
+            reset()
+    return fresh

@@ -5,6 +5,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import Trace_ELBO
+from torch import nn
 
 from bayes_mdn._utils import pyro_scope
 from bayes_mdn.fit import (
@@ -21,10 +22,19 @@ from bayes_mdn.nets import MixtureDensityNetwork
 
 
 def _problem(bayesian: str, covariance: str = "diagonal", d_y: int = 1):
+    """A small float64 problem; ``bayesian="backbone"``: every layer latent, in front a
+    user's backbone (evaluated through functional_call and vmap) with a prior function."""
     torch.manual_seed(0)
     x = torch.randn(40, 2, dtype=torch.float64)
     y = torch.randn(40, d_y, dtype=torch.float64) + x[:, :1]
-    net = MixtureDensityNetwork(2, d_y, 3, hidden=(8, 8), covariance=covariance).double()
+    if bayesian == "backbone":
+        bayesian = "all"
+        backbone = nn.Sequential(nn.Linear(2, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh())
+        net = MixtureDensityNetwork(
+            2, d_y, 3, hidden=(4,), backbone=backbone, n_features=5, prior_function=0.5
+        ).double()
+    else:
+        net = MixtureDensityNetwork(2, d_y, 3, hidden=(8, 8), covariance=covariance).double()
     model = MixtureDensityModel(
         net,
         bayesian=bayesian,
@@ -39,7 +49,13 @@ def _problem(bayesian: str, covariance: str = "diagonal", d_y: int = 1):
 
 @pytest.mark.parametrize(
     ("bayesian", "covariance", "d_y"),
-    [("none", "diagonal", 1), ("last", "diagonal", 1), ("all", "diagonal", 1), ("all", "full", 2)],
+    [
+        ("none", "diagonal", 1),
+        ("last", "diagonal", 1),
+        ("all", "diagonal", 1),
+        ("all", "full", 2),
+        ("backbone", "diagonal", 1),
+    ],
 )
 @pytest.mark.parametrize("subsampled", [False, True])
 def test_map_loss_matches_trace_elbo(bayesian, covariance, d_y, subsampled):
@@ -129,7 +145,12 @@ def _normal_problem(bayesian: str, covariance: str = "diagonal", d_y: int = 1):
 
 @pytest.mark.parametrize(
     ("bayesian", "covariance", "d_y"),
-    [("last", "diagonal", 1), ("all", "diagonal", 1), ("all", "full", 2)],
+    [
+        ("last", "diagonal", 1),
+        ("all", "diagonal", 1),
+        ("all", "full", 2),
+        ("backbone", "diagonal", 1),
+    ],
 )
 @pytest.mark.parametrize("subsampled", [False, True])
 @pytest.mark.parametrize("particles", [1, 3])
