@@ -173,7 +173,8 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         (n, F) (F is found by one call on zeros). It may reshape its input first (for
         example ``nn.Unflatten(1, (1, 8, 8))`` in front of a convolutional net for 8 x 8
         images passed as 64 columns). Each ensemble member starts from a copy of it as
-        given, so pretrained weights are kept; its parameters are named ``backbone.*``
+        given, so pretrained weights are kept (and a freshly built module should be built
+        under a fixed torch seed for a reproducible fit); its parameters are named ``backbone.*``
         and ``bayesian="all"`` or name patterns make them latent. X is standardized per
         column first, as without a backbone. Saving stores its weights (no pickle);
         :func:`bayes_mdn.load` then needs ``backbone=`` a module built the same way, and

@@ -38,6 +38,7 @@ def test_notebooks_are_found() -> None:
         "01_inverse_sine.ipynb",
         "02_epistemic_vs_aleatoric.ipynb",
         "03_calibration_and_model_choice.ipynb",
+        "04_custom_backbone.ipynb",
         "05_real_data.ipynb",
     ]
 
