@@ -830,7 +830,38 @@ def _write_checkpoint(
     stale: int,
     device: torch.device,
 ) -> None:
-    # The random state inside fit_svi's seeded scope: the next epoch's shuffle and
+    _write_loop_state(
+        path,
+        next_epoch,
+        config,
+        identity,
+        data,
+        (loss_fn, optimizer, scheduler),
+        device,
+        {
+            "history": history.to_dict(),
+            "best_state": dict(best_state),
+            "best_score": best_score,
+            "stale": stale,
+        },
+    )
+
+
+def _write_loop_state(
+    path: str | os.PathLike[str],
+    next_epoch: int,
+    config: FitConfig,
+    identity: object,
+    data: dict[str, object],
+    trained: tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler],
+    device: torch.device,
+    extra: dict[str, object],
+) -> None:
+    """Write a checkpoint of a training loop (one fit, a stacked ensemble or a streamed
+    fit): what every loop resumes from, the trained module's, optimizer's and scheduler's
+    states and the random state, plus the loop's own bookkeeping in ``extra``."""
+    loss_fn, optimizer, scheduler = trained
+    # The random state inside the loop's seeded scope: the next epoch's shuffle and
     # particle draws continue from exactly here after a resume.
     rng = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -848,10 +879,7 @@ def _write_checkpoint(
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": rng,
-            "history": history.to_dict(),
-            "best_state": dict(best_state),
-            "best_score": best_score,
-            "stale": stale,
+            **extra,
         },
     )
 

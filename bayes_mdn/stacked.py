@@ -27,11 +27,9 @@ import torch
 from pyro.infer.autoguide import AutoDelta, AutoNormal
 from torch import Tensor, nn
 
-from ._archive import ModelFileError, write_archive
+from ._archive import ModelFileError
 from ._utils import pyro_scope, seeded
 from .fit import (
-    _CHECKPOINT_KIND,
-    CHECKPOINT_VERSION,
     FitConfig,
     FitHistory,
     MapLoss,
@@ -44,7 +42,7 @@ from .fit import (
     _plain,
     _progress,
     _read_checkpoint,
-    _resume_config,
+    _write_loop_state,
     check_checkpoint_args,
     split_indices,
 )
@@ -537,22 +535,15 @@ def _write(
     active: list[bool],
     device: torch.device,
 ) -> None:
-    rng = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(device)
-    write_archive(
+    _write_loop_state(
         path,
-        _CHECKPOINT_KIND,
-        CHECKPOINT_VERSION,
+        next_epoch,
+        config,
+        identity,
+        data,
+        (stack, optimizer, scheduler),
+        device,
         {
-            "config": _resume_config(config),
-            "identity": identity,
-            "data": data,
-            "epoch": next_epoch,
-            "state": dict(stack.state_dict()),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": rng,
             "members": [h.to_dict() for h in histories],
             "best_score": list(best_score),
             "stale": list(stale),

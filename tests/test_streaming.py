@@ -5,6 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from bayes_mdn import BayesianMDN, LoaderSource, ParquetSource
@@ -145,6 +146,33 @@ def test_two_processes_from_parquet_in_float32(rows, parquet_file):
     # float32 rounding of two partial sums, carried through a few hundred Adam steps.
     assert _max_diff(_params(one), _params(two)) < 1e-3
     assert two.predict(np.c_[X[:2], np.zeros(2)]).shape == (2,)
+
+
+def _backbone() -> nn.Module:
+    torch.manual_seed(0)  # the module's own initialization, the same in every fit
+    return nn.Sequential(nn.Linear(1, 8), nn.Tanh())
+
+
+def test_a_backbone_streams_like_the_same_rows_from_memory(rows, parquet_file):
+    X, y = rows
+    options = dict(SMALL, hidden=())
+    source = ParquetSource(parquet_file, x=["x"], y=["y"])
+    from_disk = BayesianMDN(backbone=_backbone(), **options).fit(source)
+    from_memory = BayesianMDN(backbone=_backbone(), **options).fit(
+        ArraySource(X, y[:, None], y_1d=True)
+    )
+    assert any(n.startswith("backbone.") for n, _ in from_disk.model_.net.named_parameters())
+    assert _max_diff(_params(from_disk), _params(from_memory)) == 0
+
+
+@pytest.mark.slow
+def test_two_processes_train_a_backbone_as_one(rows):
+    X, y = rows
+    source = ArraySource(X, y[:, None], y_1d=True)
+    options = dict(SMALL, hidden=(), bayesian="all")
+    one = BayesianMDN(backbone=_backbone(), **options).fit(source)
+    two = BayesianMDN(backbone=_backbone(), devices=2, **options).fit(source)
+    assert _max_diff(_params(one), _params(two)) < 1e-10
 
 
 @pytest.mark.slow
