@@ -557,6 +557,21 @@ def _worker(fabric: Any, payload: bytes, out: str) -> None:
     if fabric.global_rank == 0:
         with open(out, "wb") as f:
             pickle.dump(result, f)
+    _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Destroy the process group while the interpreter is still whole.
+
+    Lightning registers this at exit for NCCL only. A gloo group left to the interpreter's
+    finalization can abort the process (SIGABRT, "terminate called without an active
+    exception"), now and then: Gloo's worker threads still hold work whose tensors are
+    freed while the interpreter is torn down. The barrier keeps either process from
+    tearing down while the other still has a collective in flight.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def fit_streamed(
