@@ -56,8 +56,7 @@ class MixtureDensityNetwork(nn.Module):
     Parameters
     ----------
     d_x : int
-        Number of input features (with a ``backbone``, only recorded: the backbone
-        decides what inputs it accepts).
+        Number of input features (columns of x).
     d_y : int
         Dimension of the target.
     n_components : int
@@ -84,9 +83,12 @@ class MixtureDensityNetwork(nn.Module):
         anywhere in the standardized inputs), output bias zero.
 
     backbone : torch.nn.Module or None
-        Any module mapping a batch of inputs, shape (n, ...), to features of shape
-        (n, ``n_features``), placed in front of the hidden layers (which may be empty):
-        a convolutional net for images, an embedding, a sequence encoder. Its parameters
+        Any module mapping rows of inputs, shape (n, d_x), to features of shape
+        (n, ``n_features``), placed in front of the hidden layers (which may be empty): a
+        convolutional net for images (which reshapes its rows first, say with
+        ``nn.Unflatten``), an embedding, a sequence encoder. Inputs stay rows so that
+        standardization, chunking and the data sources work unchanged; an input with three
+        dimensions, (B, n, d_x), is one batch of rows per draw of B. Its parameters
         are named ``backbone.*``; draws of them (latent backbone weights, ensemble members)
         are evaluated with ``torch.func.functional_call`` under ``torch.func.vmap``, so
         the backbone must be vmap-compatible (no in-place updates of buffers in the forward
