@@ -680,8 +680,7 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         if params.get("backbone") is not None:
             # The module itself is code: the file names its class and stores its weights
             # with the model's; load(path, backbone=...) supplies a module to hold them.
-            kind = type(params["backbone"])
-            params["backbone"] = {"class": f"{kind.__module__}.{kind.__qualname__}"}
+            params["backbone"] = {"class": backbone_class(params["backbone"])}
         if not isinstance(params.get("bayesian"), str):
             params["bayesian"] = list(params["bayesian"])
         header = {
@@ -1024,6 +1023,12 @@ def _fit_in_workers(
             guide.load_state_dict(guide_state)
         histories.append(history)
     return histories
+
+
+def backbone_class(backbone: torch.nn.Module) -> str:
+    """The qualified class name a saved model records for its backbone."""
+    kind = type(backbone)
+    return f"{kind.__module__}.{kind.__qualname__}"
 
 
 def _backbone_width(

@@ -18,7 +18,13 @@ import torch
 
 from ._archive import ModelFileError, TensorSpec, read_archive
 from ._utils import pyro_scope, resolve_device, seeded
-from .estimator import DTYPES, MODEL_FILE_KIND, MODEL_FORMAT_VERSION, BayesianMDN
+from .estimator import (
+    DTYPES,
+    MODEL_FILE_KIND,
+    MODEL_FORMAT_VERSION,
+    BayesianMDN,
+    backbone_class,
+)
 from .fit import FitHistory
 from .guides import EnsembleGuide
 from .model import MixtureDensityModel
@@ -214,11 +220,11 @@ def _backbone(declared: object, given: torch.nn.Module | None) -> torch.nn.Modul
             f"the model was fitted with a backbone of class {name}: pass load(path, "
             "backbone=...) a module built the same way; its weights come from the file"
         )
-    kind = type(given)
-    if f"{kind.__module__}.{kind.__qualname__}" != name:
+    given_name = backbone_class(given)
+    if given_name != name:
         raise ModelFileError(
             f"the model was fitted with a backbone of class {name}, but load was given a "
-            f"{kind.__module__}.{kind.__qualname__}"
+            f"{given_name}"
         )
     return given
 

@@ -24,12 +24,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 import torch
-from pyro.infer.autoguide import AutoDelta, AutoNormal
 from torch import Tensor, nn
 
 from ._archive import ModelFileError
 from ._utils import pyro_scope, seeded
 from .fit import (
+    _FUSED_GUIDES,
     FitConfig,
     FitHistory,
     MapLoss,
@@ -46,7 +46,6 @@ from .fit import (
     check_checkpoint_args,
     split_indices,
 )
-from .guides import PointGuide
 from .model import MixtureDensityModel
 
 __all__ = ["StackedLoss", "can_stack", "fit_stacked"]
@@ -59,7 +58,7 @@ def can_stack(guides: Sequence[nn.Module]) -> bool:
     ``AutoDelta``, ``AutoNormal``, or :class:`~bayes_mdn.guides.PointGuide`. Subclasses
     do not count: they may add sites the fused losses would not see."""
     kinds = {type(g) for g in guides}
-    return len(kinds) == 1 and kinds <= {AutoDelta, AutoNormal, PointGuide}
+    return len(kinds) == 1 and kinds <= set(_FUSED_GUIDES)
 
 
 def _entries(loss: nn.Module) -> tuple[list, list, list]:
