@@ -10,8 +10,8 @@ fits. At MDN sizes a step is dominated by per-operation overhead, so one step of
 stack costs far less than M steps of one member (``docs/benchmarks.md`` has the ratio).
 
 The stack covers the built-in structures whose losses are computed directly
-(:class:`~bayes_mdn.fit.MapLoss` for ``AutoDelta`` or no latent weights,
-:class:`~bayes_mdn.fit.MeanFieldLoss` for ``AutoNormal``); :func:`can_stack` says when.
+(:class:`~bayes_mdn.losses.MapLoss` for ``AutoDelta`` or no latent weights,
+:class:`~bayes_mdn.losses.MeanFieldLoss` for ``AutoNormal``); :func:`can_stack` says when.
 Other guides are fitted member by member with :func:`~bayes_mdn.fit.fit_svi`.
 """
 
@@ -28,24 +28,16 @@ from torch import Tensor, nn
 
 from ._archive import ModelFileError
 from ._utils import pyro_scope, seeded
-from .fit import (
-    _FUSED_GUIDES,
-    FitConfig,
-    FitHistory,
-    MapLoss,
-    MeanFieldLoss,
-    _adam,
-    _cpu_threads,
+from .checkpoint import (
     _data_identity,
-    _make_loss,
-    _make_scheduler,
     _plain,
-    _progress,
     _read_checkpoint,
     _write_loop_state,
     check_checkpoint_args,
-    split_indices,
 )
+from .config import FitConfig, FitHistory
+from .fit import _adam, _cpu_threads, _make_scheduler, _progress, split_indices
+from .losses import _FUSED_GUIDES, MapLoss, MeanFieldLoss, make_loss
 from .model import MixtureDensityModel
 
 __all__ = ["StackedLoss", "can_stack", "fit_stacked"]
@@ -291,7 +283,7 @@ def fit_stacked(
 
         losses = []
         for model, guide, idx in zip(models, guides, train_idx):
-            loss = _make_loss(model, guide, replace(config, num_particles=1))
+            loss = make_loss(model, guide, replace(config, num_particles=1))
             # Autoguides create their parameters on the first call.
             first = idx[:batch]
             loss(x[first], y[first], subsample=first, n_total=n)

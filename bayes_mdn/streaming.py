@@ -53,20 +53,10 @@ import torch
 from torch import Tensor, nn
 
 from ._utils import pyro_scope, resolve_device, seeded
-from .fit import (
-    AUTO_PATIENCE_STEPS,
-    AUTO_STEPS,
-    FitConfig,
-    FitHistory,
-    _adam,
-    _cpu_threads,
-    _make_loss,
-    _make_scheduler,
-    _plain,
-    _progress,
-    _read_checkpoint,
-    check_checkpoint_args,
-)
+from .checkpoint import _plain, _read_checkpoint, check_checkpoint_args
+from .config import AUTO_PATIENCE_STEPS, AUTO_STEPS, FitConfig, FitHistory
+from .fit import _adam, _cpu_threads, _make_scheduler, _progress
+from .losses import make_loss
 from .model import MixtureDensityModel
 from .sources import RunningMoments, Source
 from .stacked import (
@@ -303,7 +293,7 @@ def _build_stack(
     y0 = stats[2].expand(2, -1).clone()
     for seed in job.seeds:
         model, guide = job.build(stats, seed)
-        loss = _make_loss(model, guide, replace(job.config, num_particles=1))
+        loss = make_loss(model, guide, replace(job.config, num_particles=1))
         loss(x0, y0, subsample=torch.arange(2, device=device), n_total=plan.n_train)
         models.append(model)
         guides.append(guide)
@@ -581,7 +571,7 @@ def fit_streamed(
 
     Returns the members' models and guides, built in this process and holding each
     member's best state (by held-out NLL; the last state without held-out rows), and one
-    :class:`~bayes_mdn.fit.FitHistory` per member whose entries are *validation rounds*
+    :class:`~bayes_mdn.config.FitHistory` per member whose entries are *validation rounds*
     of ``FitConfig.eval_steps`` optimizer steps (an epoch of a large stream is many
     thousand steps): ``epochs`` counts the planned rounds, ``best_epoch`` and
     ``val_epochs`` are round indices.

@@ -1,6 +1,7 @@
 """Small builders shared by the tests."""
 
 import torch
+from torch import nn
 
 from bayes_mdn.guides import make_guide
 from bayes_mdn.model import MixtureDensityModel
@@ -33,6 +34,33 @@ def small_data(n=64, d_x=1, d_y=1, seed=0):
 def model_and_guide(bayesian="last", guide="normal", **kwargs):
     model = small_model(bayesian, **kwargs)
     return model, make_guide(model, guide)
+
+
+def float64_problem(bayesian, covariance="diagonal", d_y=1, guide="delta", **guide_options):
+    """A small float64 model, its guide and 40 rows (x, y), where the fused losses and
+    Trace_ELBO are compared; ``bayesian="backbone"``: every layer latent, in front a
+    user's backbone (evaluated through functional_call and vmap) with a prior function."""
+    torch.manual_seed(0)
+    x = torch.randn(40, 2, dtype=torch.float64)
+    y = torch.randn(40, d_y, dtype=torch.float64) + x[:, :1]
+    if bayesian == "backbone":
+        bayesian = "all"
+        backbone = nn.Sequential(nn.Linear(2, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh())
+        net = MixtureDensityNetwork(
+            2, d_y, 3, hidden=(4,), backbone=backbone, n_features=5, prior_function=0.5
+        ).double()
+    else:
+        net = MixtureDensityNetwork(2, d_y, 3, hidden=(8, 8), covariance=covariance).double()
+    model = MixtureDensityModel(
+        net,
+        bayesian=bayesian,
+        prior_scale=0.7,
+        x_loc=x.mean(0),
+        x_scale=x.std(0),
+        y_loc=y.mean(0),
+        y_scale=y.std(0),
+    )
+    return model, make_guide(model, guide, **guide_options), x, y
 
 
 class CrashingSource(Source):

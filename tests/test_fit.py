@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from bayes_mdn.fit import EVAL_STEPS, FitConfig, fit_svi, split_indices
+from bayes_mdn.config import EVAL_STEPS, FitConfig
+from bayes_mdn.fit import fit_svi, split_indices
 from tests.helpers import model_and_guide, small_data
 
 FAST = {"epochs": 6, "batch_size": 16, "progress": False, "device": "cpu", "val_fraction": 0.1}
@@ -110,7 +111,7 @@ def test_bad_seed_type():
 
 
 def test_auto_schedule_counts_steps_not_epochs():
-    from bayes_mdn.fit import AUTO_PATIENCE_STEPS, AUTO_STEPS, EVAL_STEPS, FitConfig
+    from bayes_mdn.config import AUTO_PATIENCE_STEPS, AUTO_STEPS
 
     config = FitConfig()
     # 133 rows in one batch: one step an epoch, so the budget is AUTO_STEPS epochs and

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from sklearn.exceptions import NotFittedError
 
 from bayes_mdn import BayesianMDN, FitConfig, fit_svi, make_guide
-from bayes_mdn import fit as fit_module
 from bayes_mdn._archive import read_archive
+from bayes_mdn.checkpoint import CHECKPOINT_VERSION
 from bayes_mdn.cli import main
 from bayes_mdn.model import MixtureDensityModel
 from bayes_mdn.nets import MixtureDensityNetwork
@@ -262,7 +262,7 @@ def test_nan_parameters_are_caught_and_never_kept_or_checkpointed(tmp_path, monk
         fit_svi(model, g, x, yt, config, checkpoint=ck, checkpoint_every=1)
     state = dict(model.state_dict()) | dict(g.state_dict())
     assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
-    saved = read_archive(ck, "checkpoint", fit_module.CHECKPOINT_VERSION)
+    saved = read_archive(ck, "checkpoint", CHECKPOINT_VERSION)
     assert saved["epoch"] == 1  # the epoch-1 checkpoint was never written
     assert all(torch.isfinite(t).all() for t in saved["state"].values() if t.is_floating_point())
     # Without a validation split the kept state is the last finite one: end of epoch 0.
