@@ -1,5 +1,6 @@
 """Bayesian mixture density networks in Pyro."""
 
+from .config import FitConfig, FitHistory
 from .datasets import (
     inverse_sine_log_density,
     load_dataset,
@@ -9,12 +10,15 @@ from .datasets import (
 )
 from .distributions import GaussianMixture
 from .estimator import BayesianMDN
-from .fit import FitConfig, FitHistory, fit_nuts, fit_svi
+from .fit import fit_svi
 from .guides import make_guide
 from .io import ModelFileError, load
+from .mcmc import NUTSConfig, fit_nuts
 from .model import MixtureDensityModel
 from .nets import MixtureDensityNetwork, MixtureParams
+from .posterior import Posterior
 from .sources import LoaderSource, ParquetSource
+from .spec import ModelSpec
 
 __version__ = "0.1.0"
 
@@ -28,7 +32,10 @@ __all__ = [
     "MixtureDensityNetwork",
     "MixtureParams",
     "ModelFileError",
+    "ModelSpec",
+    "NUTSConfig",
     "ParquetSource",
+    "Posterior",
     "__version__",
     "fit_nuts",
     "fit_svi",

@@ -34,12 +34,7 @@ from ._utils import pyro_scope, seeded
 from ._validation import as_2d_float
 from .guides import EmpiricalGuide, EnsembleGuide, is_deterministic
 from .model import MixtureDensityModel
-from .predict import (
-    log_predictive_density,
-    posterior_weights,
-    predictive_mixture,
-    sample_predictive,
-)
+from .posterior import Posterior
 
 with warnings.catch_warnings():
     # ArviZ 0.x announces its 1.x refactor on import; the notice is for its maintainers' users
@@ -275,8 +270,11 @@ def _compare(results: Mapping[str, Any]) -> Any:
     )
 
 
-def _unpack(source: Any) -> tuple[MixtureDensityModel, nn.Module, int]:
-    """(model, guide, default number of draws) from an estimator or a (model, guide) pair."""
+def _posterior(source: Any) -> Posterior:
+    """The posterior of a fitted estimator (its ``posterior_``, drawing its current
+    ``num_draws``), a :class:`Posterior`, or a (model, guide) pair (100 draws)."""
+    if isinstance(source, Posterior):
+        return source
     if isinstance(source, tuple) and len(source) == 2:
         model, guide = source
         if not isinstance(model, MixtureDensityModel) or not isinstance(guide, nn.Module):
@@ -284,15 +282,17 @@ def _unpack(source: Any) -> tuple[MixtureDensityModel, nn.Module, int]:
                 "a (model, guide) pair must hold a MixtureDensityModel and a torch Module, got "
                 f"({type(model).__name__}, {type(guide).__name__})"
             )
-        return model, guide, 100
-    if hasattr(source, "model_") and hasattr(source, "guide_"):
-        return source.model_, source.guide_, source.num_draws
+        return Posterior(model, guide)
+    if isinstance(getattr(source, "posterior_", None), Posterior):
+        post = source.posterior_
+        return Posterior(post.model, post.guide, source.num_draws, post.max_elements)
     if hasattr(source, "get_params"):
         from sklearn.exceptions import NotFittedError
 
         raise NotFittedError("this estimator is not fitted yet: call fit(X, y) first")
     raise TypeError(
-        f"expected a fitted BayesianMDN or a (model, guide) pair, got {type(source).__name__}"
+        "expected a fitted BayesianMDN, a Posterior or a (model, guide) pair, got "
+        f"{type(source).__name__}"
     )
 
 
@@ -375,7 +375,7 @@ def to_inference_data(
 
     Parameters
     ----------
-    source : fitted BayesianMDN, or a (MixtureDensityModel, guide) pair
+    source : fitted BayesianMDN, Posterior, or a (MixtureDensityModel, guide) pair
     X : array-like of shape (n, d_x)
     y : array-like of shape (n,) or (n, d_y)
     num_draws : posterior draws S; None takes the estimator's ``num_draws`` (100 for a
@@ -403,7 +403,8 @@ def to_inference_data(
     >>> idata.log_likelihood["y"].shape
     (1, 10, 200)
     """
-    model, guide, default = _unpack(source)
+    post = _posterior(source)
+    model, guide, default = post.model, post.guide, post.num_draws
     x, yt = _tensors(model, X, y)
     n, d = yt.shape
     device = x.device
@@ -414,7 +415,7 @@ def to_inference_data(
         num_draws = default if num_draws is None else num_draws
         _check_draws(num_draws)
         chains = 1
-        weights = posterior_weights(model, guide, num_draws, seed)
+        weights = post.weights(num_draws, seed)
     posterior = has_posterior(guide)
     draws = next(iter(weights.values())).shape[0] if posterior else (num_draws or default)
     log_lik = pointwise_log_likelihood(model, x, yt, weights)  # (S or 1, n)
@@ -428,7 +429,7 @@ def to_inference_data(
         if posterior:
             y_rep = model.sample(x, weights)
         elif point_ensemble:
-            y_rep = sample_predictive(model, guide, x, draws, seed=None, sampler="direct")
+            y_rep = post.sample(x, draws, seed=None, sampler="direct")
         else:
             point = {name: value[0] for name, value in weights.items()}
             y_rep = model.sample(x, point, num_draws=draws)
@@ -545,7 +546,8 @@ def variational_khat(
     ValueError
         For a deterministic guide (no q to check) or stored MCMC draws (no density q).
     """
-    model, guide, _ = _unpack(source)
+    post = _posterior(source)
+    model, guide = post.model, post.guide
     if not has_posterior(guide):
         raise ValueError(
             "this fit has no variational posterior (MAP or bayesian='none'): nothing to check"
@@ -637,7 +639,7 @@ def calibration_report(
 
     Parameters
     ----------
-    source : fitted BayesianMDN, or a (model, guide) pair
+    source : fitted BayesianMDN, Posterior, or a (model, guide) pair
     X, y : the data the model was fitted on (for LOO-PIT)
     X_test, y_test : held-out data for exact PIT, coverage and scores; without them those
         are computed on (X, y) and marked ``"in-sample"``
@@ -655,8 +657,9 @@ def calibration_report(
     several columns "energy_score"; for a fit with a posterior and one output also
     "loo_pit" and "loo_pit_ks".
     """
-    model, guide, default = _unpack(source)
-    num_draws = default if num_draws is None else num_draws
+    post = _posterior(source)
+    model, guide = post.model, post.guide
+    num_draws = post.num_draws if num_draws is None else num_draws
     _check_draws(num_draws)
     _check_draws(crps_draws)
     if (X_test is None) != (y_test is None):
@@ -664,10 +667,10 @@ def calibration_report(
     x, yt = _tensors(model, X, y)
     held_out = X_test is not None
     x_eval, y_eval = _tensors(model, X_test, y_test) if held_out else (x, yt)
-    mix = predictive_mixture(model, guide, x_eval, num_draws, seed)
+    mix = post.mixture(x_eval, num_draws, seed).params
     pit = scores.pit(mix, y_eval)
     ks = [scores.ks_uniform(pit[:, j]) for j in range(pit.shape[1])]
-    crps_mix = predictive_mixture(model, guide, x_eval, crps_draws, seed)
+    crps_mix = post.mixture(x_eval, crps_draws, seed).params
     report: dict[str, Any] = {
         "evaluated_on": "held-out" if held_out else "in-sample",
         "n": len(x_eval),
@@ -680,7 +683,7 @@ def calibration_report(
         "coverage": scores.interval_coverage(mix, y_eval, levels),
     }
     if yt.shape[1] > 1:
-        draws = sample_predictive(model, guide, x_eval, num_samples=200, seed=seed)
+        draws = post.sample(x_eval, num_samples=200, seed=seed)
         report["energy_score"] = float(scores.energy_score(draws, y_eval).mean())
     if has_posterior(guide) and yt.shape[1] == 1:
         idata = to_inference_data(source, X, y, num_draws, seed) if idata is None else idata
@@ -698,7 +701,8 @@ def compare_models(
 
     Parameters
     ----------
-    models : {name: fitted BayesianMDN or (model, guide)}, at least two, each with a posterior
+    models : {name: fitted BayesianMDN, Posterior or (model, guide)}, at least two, each
+        with a posterior
     X, y : the data every model was fitted on
 
     Returns
@@ -711,8 +715,7 @@ def compare_models(
         raise ValueError("models must be a mapping of at least two named fitted models")
     results = {}
     for name, source in models.items():
-        _, guide, _ = _unpack(source)
-        if not has_posterior(guide):
+        if not has_posterior(_posterior(source).guide):
             raise ValueError(
                 f"model {name!r} has no posterior (MAP or bayesian='none'): LOO-based "
                 "comparison needs posterior draws; compare held-out scores instead"
@@ -757,7 +760,8 @@ def run_diagnostics(
     -------
     The report as written to JSON (per-point arrays included as lists).
     """
-    model, guide, default = _unpack(estimator)
+    post = _posterior(estimator)
+    model, guide = post.model, post.guide
     out = Path(out_dir)
     x, yt = _tensors(model, X, y)
     idata = to_inference_data(estimator, X, y, num_draws, seed)
@@ -777,9 +781,7 @@ def run_diagnostics(
         )
     if X_test is not None and y_test is not None:
         x_test, y_test_t = _tensors(model, X_test, y_test)
-        lpd = log_predictive_density(
-            model, guide, x_test, y_test_t, num_draws or default, seed=seed
-        )
+        lpd = post.log_prob(x_test, y_test_t, num_draws, seed=seed)
         report["heldout_lpd"] = float(lpd.mean())
     cal = calibration_report(
         estimator, X, y, X_test, y_test, idata, num_draws=num_draws, seed=seed

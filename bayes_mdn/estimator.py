@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 import functools
 import os
-from collections.abc import Sequence
-from dataclasses import replace
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -15,9 +15,8 @@ from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor
 
-from . import predict as _predict
 from ._archive import write_archive
-from ._utils import pyro_scope, resolve_device, seeded
+from ._utils import pyro_scope, resolve_device
 from ._validation import (
     as_2d_float,
     as_levels,
@@ -34,16 +33,18 @@ from .fit import (
     fit_nuts,
     fit_svi,
 )
-from .guides import GUIDES, EmpiricalGuide, EnsembleGuide, make_guide
-from .model import BAYESIAN_LAYERS, MixtureDensityModel
-from .nets import ACTIVATIONS, COVARIANCES, MixtureDensityNetwork, MixtureParams
+from .guides import EmpiricalGuide, EnsembleGuide
+from .mcmc import NUTSConfig
+from .model import MixtureDensityModel
+from .nets import MixtureParams
+from .posterior import Posterior
 from .sources import ArraySource, Source, as_source
+from .spec import ModelSpec, auto_components, backbone_class
 from .stacked import can_stack, fit_stacked
 from .streaming import StreamJob, fit_streamed, scan
 
-__all__ = ["BayesianMDN", "auto_components"]
+__all__ = ["BayesianMDN", "auto_components", "backbone_class"]
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 METHODS = ("svi", "nuts")
 #: Kind and layout version of the model files ``save`` writes and :func:`bayes_mdn.load`
 #: reads; the version is bumped whenever a file of the old layout could not be read
@@ -148,20 +149,9 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
     num_threads : int or None
         Torch threads while fitting on the CPU (restored afterwards); None leaves torch's
         setting alone. See :class:`bayes_mdn.fit.FitConfig`.
-    checkpoint : str, os.PathLike or None
-        File where ``fit`` writes a checkpoint of the SVI loop (atomically), so that an
-        interrupted fit can continue; None writes none. Stacked members share this one
-        file; members fitted one by one write ``<checkpoint>.member<m>`` each.
-    checkpoint_every : int
-        Epochs between checkpoints (the last epoch is always written).
-    resume : bool
-        Continue from ``checkpoint`` when the file exists, ending at the same parameters
-        as an uninterrupted fit; the checkpoint's settings and data must match. See
-        :func:`bayes_mdn.fit.fit_svi`.
-    num_chains, nuts_warmup, nuts_samples, max_tree_depth :
-        The NUTS run of ``method="nuts"``: independent chains (run one after another),
-        adaptation steps and kept draws per chain, and the tree depth cap. See
-        :func:`bayes_mdn.fit.fit_nuts` for what they cost.
+    checkpoint, checkpoint_every, resume :
+        Deprecated (removed in 0.3): pass them to :meth:`fit`, whose call they belong to.
+        Set here they still work, with a ``FutureWarning``.
     method : {"svi", "nuts"}
         ``"svi"``: the guide is the posterior. ``"nuts"``: SVI first fits the point-estimated
         layers and gives a starting point, then NUTS samples the latent weights and
@@ -180,9 +170,19 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         :func:`bayes_mdn.load` then needs ``backbone=`` a module built the same way, and
         checks that it matches. See :class:`~bayes_mdn.nets.MixtureDensityNetwork` for
         what it must support (``torch.func.vmap``).
+    nuts : NUTSConfig, dict or None
+        The NUTS run of ``method="nuts"`` (:class:`~bayes_mdn.mcmc.NUTSConfig`: chains,
+        warm-up steps, kept draws, tree depth; a dict of those settings works too); None
+        takes its defaults. See :func:`bayes_mdn.mcmc.fit_nuts` for what they cost.
+    num_chains, nuts_warmup, nuts_samples, max_tree_depth :
+        Deprecated (removed in 0.3): the NUTS settings, now grouped in ``nuts``. Set here
+        they still work, with a ``FutureWarning``.
 
     Attributes
     ----------
+    posterior_ : Posterior
+        The fitted posterior (:class:`~bayes_mdn.posterior.Posterior`): every prediction,
+        score and diagnostic reads it; ``model_`` and ``guide_`` are its parts.
     model_ : MixtureDensityModel
         The first member's model (every member has its architecture and standardization).
     guide_ : torch.nn.Module
@@ -272,6 +272,7 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         max_tree_depth: int = 5,
         method: Literal["svi", "nuts"] = "svi",
         backbone: torch.nn.Module | None = None,
+        nuts: NUTSConfig | Mapping[str, int] | None = None,
     ) -> None:
         self.n_components = n_components
         self.n_members = n_members
@@ -313,6 +314,7 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         self.max_tree_depth = max_tree_depth
         self.method = method
         self.backbone = backbone
+        self.nuts = nuts
 
     # -- scikit-learn protocol -------------------------------------------------------
     @classmethod
@@ -335,56 +337,62 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         validate_data(self, X, reset=reset, skip_check_array=True, ensure_2d=False)
 
     # -- configuration checks --------------------------------------------------------
-    def _check_options(self) -> FitConfig:
-        if self.backbone is not None and not isinstance(self.backbone, torch.nn.Module):
-            raise TypeError(
-                f"backbone must be a torch.nn.Module or None, got {type(self.backbone).__name__}"
-            )
-        bayesian = self.bayesian
-        if not isinstance(bayesian, str) and not (
-            isinstance(bayesian, Sequence)
-            and len(bayesian) > 0
-            and all(isinstance(p, str) for p in bayesian)
-        ):
-            raise ValueError(
-                f"bayesian must be one of {BAYESIAN_LAYERS} or a non-empty sequence of name "
-                f"patterns, got {bayesian!r}"
-            )
-        for name, value, options in (
-            ("activation", self.activation, tuple(ACTIVATIONS)),
-            ("bayesian", bayesian if isinstance(bayesian, str) else "all", BAYESIAN_LAYERS),
-            ("guide", self.guide, GUIDES),
-            ("covariance", self.covariance, COVARIANCES),
-            ("dtype", self.dtype, tuple(DTYPES)),
-        ):
-            if value not in options:
-                raise ValueError(f"{name} must be one of {options}, got {value!r}")
-        if self.n_components != "auto" and (
-            not isinstance(self.n_components, int)
-            or isinstance(self.n_components, bool)
-            or (self.n_components < 1)
-        ):
-            raise ValueError(
-                f"n_components must be 'auto' or an integer >= 1, got {self.n_components!r}"
-            )
-        if isinstance(self.hidden, (str, bytes)) or not all(
-            isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in self.hidden
-        ):
-            raise ValueError(f"hidden must be a sequence of integers >= 1, got {self.hidden!r}")
-        for name in ("prior_scale", "min_scale", "init_scale"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and np.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        value = self.prior_function
-        if isinstance(value, bool) or not (
-            isinstance(value, (int, float)) and np.isfinite(value) and value >= 0
-        ):
-            raise ValueError(f"prior_function must be a finite number >= 0, got {value!r}")
-        if self.bayesian == "none" and self.guide != "delta":
-            raise ValueError(
-                f"guide={self.guide!r} needs latent weights, but bayesian='none' makes every "
-                "weight a point estimate: use guide='delta' or bayesian='last'/'all'"
-            )
+    def model_spec(self) -> ModelSpec:
+        """The model these parameters describe (architecture, prior, guide), checked.
+
+        Raises ``ValueError`` or ``TypeError`` naming the first bad parameter. ``fit``
+        builds every member from it (:meth:`ModelSpec.build`).
+        """
+        return ModelSpec(
+            n_components=self.n_components,
+            hidden=self.hidden,
+            activation=self.activation,
+            bayesian=self.bayesian,
+            guide=self.guide,
+            covariance=self.covariance,
+            prior_scale=self.prior_scale,
+            min_scale=self.min_scale,
+            prior_function=self.prior_function,
+            init_scale=self.init_scale,
+            rank=self.rank,
+            dtype=self.dtype,
+            backbone=self.backbone,
+        )
+
+    def fit_config(self) -> FitConfig:
+        """The SVI loop these parameters describe, checked (see :class:`FitConfig`)."""
+        return FitConfig(
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            lr_schedule=self.lr_schedule,
+            clip_norm=self.clip_norm,
+            num_particles=self.num_particles,
+            val_fraction=self.val_fraction,
+            patience=self.patience,
+            val_draws=self.val_draws,
+            input_noise=self.input_noise,
+            jit=self.jit,
+            seed=self.seed,
+            device=self.device,
+            progress=self.progress,
+            num_threads=self.num_threads,
+        )
+
+    def check_params(self) -> tuple[ModelSpec, FitConfig]:
+        """Check every parameter, as ``fit`` does before it reads any data.
+
+        Returns
+        -------
+        (ModelSpec, FitConfig)
+            The model specification and the loop configuration they describe.
+
+        Raises
+        ------
+        ValueError or TypeError
+            Naming the first bad parameter, the values it takes and the value it got.
+        """
+        spec = self.model_spec()
         if (
             not isinstance(self.n_members, int)
             or isinstance(self.n_members, bool)
@@ -408,30 +416,69 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
                     "method='nuts' samples latent weights, but bayesian='none' has none: "
                     "use bayesian='last' or 'all'"
                 )
-            for name in ("num_chains", "nuts_warmup", "nuts_samples", "max_tree_depth"):
-                value = getattr(self, name)
-                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                    raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        return FitConfig(
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            lr_schedule=self.lr_schedule,
-            clip_norm=self.clip_norm,
-            num_particles=self.num_particles,
-            val_fraction=self.val_fraction,
-            patience=self.patience,
-            val_draws=self.val_draws,
-            input_noise=self.input_noise,
-            jit=self.jit,
-            seed=self.seed,
-            device=self.device,
-            progress=self.progress,
-            num_threads=self.num_threads,
-        )
+            self._nuts_config(warn=False)
+        return spec, self.fit_config()
+
+    def nuts_config(self) -> NUTSConfig:
+        """The NUTS run these parameters describe (``nuts``, or the deprecated flat
+        arguments), checked (see :class:`~bayes_mdn.mcmc.NUTSConfig`)."""
+        return self._nuts_config(warn=False)
+
+    def _nuts_config(self, warn: bool) -> NUTSConfig:
+        """The NUTS settings: ``nuts``, or the deprecated flat arguments when set (with a
+        FutureWarning when ``warn``)."""
+        nuts = self.nuts
+        if nuts is None:
+            config = NUTSConfig()
+        elif isinstance(nuts, NUTSConfig):
+            config = nuts
+        elif isinstance(nuts, Mapping):
+            unknown = sorted(set(nuts) - set(asdict(NUTSConfig())))
+            if unknown:
+                raise ValueError(
+                    f"nuts has unknown settings {unknown}; it takes {list(asdict(NUTSConfig()))}"
+                )
+            config = NUTSConfig(**nuts)
+        else:
+            raise TypeError(
+                f"nuts must be a NUTSConfig, a dict of its settings or None, got "
+                f"{type(nuts).__name__}"
+            )
+        flat = {
+            "num_chains": ("num_chains", self.num_chains, 2),
+            "nuts_warmup": ("warmup_steps", self.nuts_warmup, 200),
+            "nuts_samples": ("num_samples", self.nuts_samples, 200),
+            "max_tree_depth": ("max_tree_depth", self.max_tree_depth, 5),
+        }
+        changed = {old: (new, v) for old, (new, v, default) in flat.items() if v != default}
+        if not changed:
+            return config
+        if nuts is not None:
+            raise ValueError(
+                f"the NUTS settings are given twice, as nuts= and as {sorted(changed)}: "
+                "give them once, in nuts="
+            )
+        if warn:
+            warnings.warn(
+                f"BayesianMDN({', '.join(f'{n}=...' for n in changed)}) is deprecated and will "
+                "be removed in bayes_mdn 0.3: pass nuts=NUTSConfig("
+                + ", ".join(f"{new}=..." for new, _ in changed.values())
+                + ") instead",
+                FutureWarning,
+                stacklevel=3,
+            )
+        return replace(config, **dict(changed.values()))
 
     # -- fitting ---------------------------------------------------------------------
-    def fit(self, X: Any, y: Any = None) -> BayesianMDN:
+    def fit(
+        self,
+        X: Any,
+        y: Any = None,
+        *,
+        checkpoint: str | os.PathLike[str] | None = None,
+        checkpoint_every: int | None = None,
+        resume: bool | None = None,
+    ) -> BayesianMDN:
         """Fit the model to inputs X of shape (n, d_x) and targets y of shape (n,) or (n, d_y).
 
         X may instead be a data source that yields (x, y) batches, with ``y=None``: a
@@ -439,11 +486,29 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         ``shuffle=False``) or another re-iterable of pairs. It is streamed, never loaded
         whole (see the class notes and :mod:`bayes_mdn.streaming`).
 
+        Parameters
+        ----------
+        X : array-like of shape (n, d_x), or a data source
+        y : array-like of shape (n,) or (n, d_y), or None for a data source
+        checkpoint : str, os.PathLike or None
+            File where the SVI loop writes a checkpoint (atomically), so that an
+            interrupted fit can continue; None writes none. Stacked and streamed members
+            share this one file; members fitted one by one write
+            ``<checkpoint>.member<m>`` each. It belongs to this call, not to the model:
+            clones made by ``GridSearchCV`` do not share it.
+        checkpoint_every : int or None
+            Epochs between checkpoints (the last epoch is always written); None: 10.
+        resume : bool or None
+            Continue from ``checkpoint`` when the file exists, ending at the same
+            parameters as an uninterrupted fit; the checkpoint's settings and data must
+            match (see :func:`bayes_mdn.fit.fit_svi`). None: False.
+
         Returns
         -------
         self
         """
-        config = self._check_options()
+        spec, config = self.check_params()
+        ck = self._checkpointing(checkpoint, checkpoint_every, resume)
         if isinstance(X, (str, bytes, os.PathLike)):
             raise TypeError(
                 f"fit takes arrays or a data source, got the path {X!r}: read a Parquet "
@@ -456,7 +521,7 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
                     f"X is a data source ({source.describe()}) that yields (x, y) itself; "
                     "call fit(source) with y=None"
                 )
-            return self._fit_streamed(source, config)
+            return self._fit_streamed(source, spec, config, ck)
         if y is None:
             raise ValueError(
                 "BayesianMDN requires y to be passed, but the target y is None: fit(X, y) "
@@ -482,7 +547,7 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
                 "target is degenerate; drop that column or add measurement noise"
             )
         if self.devices > 1:
-            return self._fit_streamed(ArraySource(x_arr, y_arr, y_1d=y_1d), config)
+            return self._fit_streamed(ArraySource(x_arr, y_arr, y_1d=y_1d), spec, config, ck)
         n_val = int(round(len(x_arr) * config.val_fraction))
         if len(x_arr) - n_val < 2:
             raise ValueError(
@@ -490,24 +555,21 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
                 f"{config.val_fraction}, got {len(x_arr)} rows"
             )
         device = resolve_device(config.device)
-        dtype = DTYPES[self.dtype]
+        dtype = spec.torch_dtype
         x = torch.as_tensor(x_arr, dtype=dtype, device=device)
         yt = torch.as_tensor(y_arr, dtype=dtype, device=device)
         x_loc, x_scale, y_loc, y_scale = (
             torch.as_tensor(s, dtype=dtype, device=device) for s in standardization(x_arr, y_arr)
         )
         stats = (x_loc, x_scale, y_loc, y_scale)
-        self.n_components_ = (
-            auto_components(len(x_arr) - n_val)
-            if self.n_components == "auto"
-            else int(self.n_components)
-        )
+        n_components = spec.components(len(x_arr) - n_val)
+        build = functools.partial(spec.build, x.shape[1], yt.shape[1], n_components)
         # method="nuts" samples one model's latent weights: one SVI member is its start.
         n_members = 1 if self.method == "nuts" else self.n_members
         seeds = [None if self.seed is None else self.seed + m for m in range(n_members)]
-        members = [self._build_model(x.shape[1], yt.shape[1], stats, s) for s in seeds]
+        members = [build(stats, s) for s in seeds]
         jobs = [
-            (seed, replace(config, seed=seed), _member_path(self.checkpoint, m, n_members))
+            (seed, replace(config, seed=seed), _member_path(ck.path, m, n_members))
             for m, seed in enumerate(seeds)
         ]
         n_jobs = min(_n_workers(self.n_jobs), n_members)
@@ -519,24 +581,20 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
                 yt,
                 config,
                 seeds,
-                checkpoint=self.checkpoint,
-                checkpoint_every=self.checkpoint_every,
-                resume=self.resume,
+                checkpoint=ck.path,
+                checkpoint_every=ck.every,
+                resume=ck.resume,
                 identity=checkpoint_identity(self.get_params()),
             )
         elif n_jobs == 1:
             histories = [
-                self._fit_member(x, yt, model, guide, config, checkpoint)
-                for (model, guide), (_, config, checkpoint) in zip(members, jobs)
+                self._fit_member(x, yt, model, guide, config, replace(ck, path=path))
+                for (model, guide), (_, config, path) in zip(members, jobs)
             ]
         else:
-            histories = _fit_in_workers(self, x, yt, stats, members, jobs, n_jobs)
+            histories = _fit_in_workers(self, build, x, yt, stats, members, jobs, ck, n_jobs)
         models = [model for model, _ in members]
         guides = [guide for _, guide in members]
-        self.histories_: list[FitHistory] = histories
-        self.history_: FitHistory = histories[0]
-        self.n_members_ = n_members
-        self.n_steps_ = sum(h.steps for h in histories)
         model = models[0]
         guide = guides[0] if n_members == 1 else EnsembleGuide(models, guides)
         if self.method == "nuts":
@@ -546,23 +604,17 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
                 model,
                 x,
                 yt,
-                num_samples=self.nuts_samples,
-                warmup_steps=self.nuts_warmup,
-                num_chains=self.num_chains,
-                max_tree_depth=self.max_tree_depth,
+                **asdict(self._nuts_config(warn=True)),
                 seed=self.seed,
                 init_values=start,
                 progress=self.progress,
             )
             guide = EmpiricalGuide(samples)
-        self.model_ = model
-        self.guide_ = guide
-        self.n_features_in_ = x.shape[1]
-        self.n_outputs_ = yt.shape[1]
-        self._y_1d = y_1d
-        return self
+        return self._set_fitted(Posterior(model, guide, self.num_draws), histories, y_1d)
 
-    def _fit_streamed(self, source: Source, config: FitConfig) -> BayesianMDN:
+    def _fit_streamed(
+        self, source: Source, spec: ModelSpec, config: FitConfig, ck: _Checkpointing
+    ) -> BayesianMDN:
         """Fit on a streamed source (:mod:`bayes_mdn.streaming`), on ``devices``
         processes."""
         if self.method != "svi":
@@ -581,7 +633,7 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         seed = config.seed
         assert seed is not None
         plan = scan(source, seed, config.val_fraction)
-        largest = float(torch.finfo(DTYPES[self.dtype]).max)
+        largest = float(torch.finfo(spec.torch_dtype).max)
         for what, names, absmax in (
             ("input", source.x_names, plan.x_absmax),
             ("target", source.y_names, plan.y_absmax),
@@ -593,33 +645,21 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
                     f"{what} {name} holds values up to {absmax[col]:.3g}, beyond the "
                     f"{self.dtype} range ({largest:.3g}): use dtype='float64' or rescale"
                 )
-        self.n_components_ = (
-            auto_components(plan.n_train)
-            if self.n_components == "auto"
-            else int(self.n_components)
-        )
         job = StreamJob(
             source=source,
             plan=plan,
-            build=functools.partial(self._build_model, plan.d_x, plan.d_y),
+            build=functools.partial(spec.build, plan.d_x, plan.d_y, spec.components(plan.n_train)),
             seeds=[seed + m for m in range(self.n_members)],
             config=config,
-            dtype=DTYPES[self.dtype],
-            checkpoint=None if self.checkpoint is None else os.fspath(self.checkpoint),
-            checkpoint_every=self.checkpoint_every,
-            resume=self.resume,
+            dtype=spec.torch_dtype,
+            checkpoint=ck.path,
+            checkpoint_every=ck.every,
+            resume=ck.resume,
             identity=checkpoint_identity(self.get_params()),
         )
         models, guides, histories = fit_streamed(job, self.devices)
-        self.histories_ = histories
-        self.history_ = histories[0]
-        self.n_members_ = len(models)
-        self.n_steps_ = sum(h.steps for h in histories)
-        self.model_ = models[0]
-        self.guide_ = guides[0] if len(models) == 1 else EnsembleGuide(models, guides)
-        self.n_features_in_ = plan.d_x
-        self.n_outputs_ = plan.d_y
-        self._y_1d = source.y_1d
+        guide = guides[0] if len(models) == 1 else EnsembleGuide(models, guides)
+        self._set_fitted(Posterior(models[0], guide, self.num_draws), histories, source.y_1d)
         # For arrays fit() has set or cleared the DataFrame's column names. A source's
         # columns are not recorded as feature names, as a CSV fit's are not: predictions
         # take arrays in the order of its x columns.
@@ -635,7 +675,7 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         model: MixtureDensityModel,
         guide: torch.nn.Module,
         config: FitConfig,
-        checkpoint: str | None,
+        ck: _Checkpointing,
     ) -> FitHistory:
         """Fit one member in place (model and guide hold its fitted state afterwards)."""
         return fit_svi(
@@ -644,11 +684,120 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
             x,
             y,
             config,
-            checkpoint=checkpoint,
-            checkpoint_every=self.checkpoint_every,
-            resume=self.resume,
+            checkpoint=ck.path,
+            checkpoint_every=ck.every,
+            resume=ck.resume,
             identity=checkpoint_identity(self.get_params()),
         )
+
+    def _checkpointing(
+        self,
+        checkpoint: str | os.PathLike[str] | None,
+        checkpoint_every: int | None,
+        resume: bool | None,
+    ) -> _Checkpointing:
+        """The checkpoint settings of one ``fit`` call: its own arguments, else the
+        deprecated constructor arguments of the same names (with a FutureWarning)."""
+        old = {"checkpoint": None, "checkpoint_every": 10, "resume": False}
+        set_old = [name for name, default in old.items() if getattr(self, name) != default]
+        if set_old:
+            warnings.warn(
+                f"BayesianMDN({', '.join(f'{n}=...' for n in set_old)}) is deprecated and "
+                "will be removed in bayes_mdn 0.3: pass it to fit(X, y, "
+                f"{', '.join(f'{n}=...' for n in set_old)}) instead",
+                FutureWarning,
+                stacklevel=3,
+            )
+        path = self.checkpoint if checkpoint is None else checkpoint
+        every = self.checkpoint_every if checkpoint_every is None else checkpoint_every
+        resume = self.resume if resume is None else resume
+        check_checkpoint_args(path, every, resume)
+        return _Checkpointing(None if path is None else os.fspath(path), every, resume)
+
+    def _set_fitted(
+        self, posterior: Posterior, histories: Sequence[FitHistory], y_1d: bool
+    ) -> BayesianMDN:
+        """Record a fit: the posterior and what scikit-learn and ``save`` read of it."""
+        guide = posterior.guide
+        self.posterior_ = posterior
+        self.histories_: list[FitHistory] = list(histories)
+        self.history_: FitHistory = self.histories_[0]
+        self.n_members_ = len(guide) if isinstance(guide, EnsembleGuide) else 1
+        self.n_steps_ = sum(h.steps for h in self.histories_)
+        net = posterior.model.net
+        self.n_components_ = net.n_components
+        self.n_features_in_ = net.d_x
+        self.n_outputs_ = net.d_y
+        self._y_1d = bool(y_1d)
+        return self
+
+    @property
+    def model_(self) -> MixtureDensityModel:
+        """The posterior's model (``posterior_.model``)."""
+        return self.posterior_.model
+
+    @property
+    def guide_(self) -> torch.nn.Module:
+        """The posterior's guide (``posterior_.guide``)."""
+        return self.posterior_.guide
+
+    @classmethod
+    def from_posterior(
+        cls,
+        posterior: Posterior,
+        histories: Sequence[FitHistory] = (),
+        *,
+        y_1d: bool = False,
+        feature_names_in: Sequence[str] | None = None,
+        **params: Any,
+    ) -> BayesianMDN:
+        """A fitted estimator around a posterior obtained elsewhere.
+
+        This is how :func:`bayes_mdn.load` rebuilds a saved estimator, and how a model and
+        guide fitted with the lower layers (:func:`bayes_mdn.fit.fit_svi`) get the
+        estimator's predictions, scores, diagnostics and ``save``.
+
+        Parameters
+        ----------
+        posterior : Posterior
+            Its model's network gives ``n_features_in_``, ``n_outputs_`` and
+            ``n_components_``.
+        histories : sequence of FitHistory
+            One per member; an empty history when none is given.
+        y_1d : bool
+            Whether predictions drop the output axis, as for a fit on y of shape (n,).
+        feature_names_in : sequence of str or None
+            The DataFrame column names predictions check, as after a fit on a DataFrame.
+        **params
+            Constructor arguments of the estimator, which must describe the posterior's
+            model: ``save`` records them and :func:`bayes_mdn.load` rebuilds the network
+            from them (and refuses a file whose tensors do not match). ``num_draws``
+            defaults to the posterior's and ``n_members`` to its number of members.
+
+        Examples
+        --------
+        >>> from bayes_mdn import make_inverse_sine
+        >>> X, y = make_inverse_sine(200, seed=0)
+        >>> mdn = BayesianMDN(n_components=3, hidden=(8,), epochs=2, progress=False).fit(X, y)
+        >>> twin = BayesianMDN.from_posterior(mdn.posterior_, y_1d=True)
+        >>> bool((twin.predict(X[:3]) == mdn.predict(X[:3])).all())
+        True
+        """
+        if not isinstance(posterior, Posterior):
+            raise TypeError(f"posterior must be a Posterior, got {type(posterior).__name__}")
+        guide = posterior.guide
+        members = len(guide) if isinstance(guide, EnsembleGuide) else 1
+        params.setdefault("num_draws", posterior.num_draws)
+        params.setdefault("n_members", members)
+        if params.get("method", "svi") == "svi" and params["n_members"] != members:
+            raise ValueError(
+                f"n_members={params['n_members']!r}, but the posterior holds {members} member(s)"
+            )
+        est = cls(**params)
+        est._set_fitted(posterior, list(histories) or [FitHistory()], y_1d)
+        if feature_names_in:
+            est.feature_names_in_ = np.asarray([str(c) for c in feature_names_in], dtype=object)
+        return est
 
     # -- persistence -----------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -683,6 +832,10 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
             params["backbone"] = {"class": backbone_class(params["backbone"])}
         if not isinstance(params.get("bayesian"), str):
             params["bayesian"] = list(params["bayesian"])
+        if isinstance(params.get("nuts"), NUTSConfig):
+            params["nuts"] = asdict(params["nuts"])
+        elif params.get("nuts") is not None:
+            params["nuts"] = dict(params["nuts"])
         header = {
             "library_version": __version__,
             "params": params,
@@ -700,54 +853,11 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         }
         write_archive(path, MODEL_FILE_KIND, MODEL_FORMAT_VERSION, header)
 
-    def _build_model(
-        self,
-        d_x: int,
-        d_y: int,
-        stats: tuple[Tensor, Tensor, Tensor, Tensor],
-        init_seed: int | None,
-    ) -> tuple[MixtureDensityModel, torch.nn.Module]:
-        """The network, Pyro model and guide these settings describe (not yet fitted).
-
-        ``stats`` is (x_loc, x_scale, y_loc, y_scale), on the device and dtype the model
-        should live on; ``init_seed`` seeds the network's initialization.
-        """
-        device, dtype = stats[0].device, stats[0].dtype
-        backbone, n_features = None, None
-        if self.backbone is not None:
-            backbone = copy.deepcopy(self.backbone).to(device=device, dtype=dtype)
-            n_features = _backbone_width(backbone, d_x, device, dtype)
-        with seeded(init_seed, device):
-            net = MixtureDensityNetwork(
-                d_x=d_x,
-                d_y=d_y,
-                n_components=self.n_components_,
-                hidden=tuple(self.hidden),
-                activation=self.activation,
-                covariance=self.covariance,
-                min_scale=self.min_scale,
-                prior_function=self.prior_function,
-                backbone=backbone,
-                n_features=n_features,
-            ).to(device=device, dtype=dtype)
-        x_loc, x_scale, y_loc, y_scale = stats
-        model = MixtureDensityModel(
-            net,
-            bayesian=self.bayesian,
-            prior_scale=self.prior_scale,
-            x_loc=x_loc,
-            x_scale=x_scale,
-            y_loc=y_loc,
-            y_scale=y_scale,
-        )
-        guide = make_guide(model, self.guide, init_scale=float(self.init_scale), rank=self.rank)
-        return model, guide
-
     # -- prediction ------------------------------------------------------------------
     def _check_fitted(self) -> None:
         """Raise scikit-learn's ``NotFittedError`` (a ValueError and AttributeError)
         before ``fit``."""
-        check_is_fitted(self, "model_")
+        check_is_fitted(self, "posterior_")
 
     def _x(self, X: Any) -> Tensor:
         self._check_fitted()
@@ -790,9 +900,7 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
     def predict(self, X: Any, num_draws: int | None = None, seed: Any = "default") -> np.ndarray:
         """Posterior-predictive mean, shape (n,) for 1-D y, else (n, d_y)."""
         x = self._x(X)
-        m = _predict.predictive_mean(
-            self.model_, self.guide_, x, self._draws(num_draws), self._seed(seed)
-        )
+        m = self.posterior_.mean(x, self._draws(num_draws), self._seed(seed))
         return self._out(m)
 
     def predict_std(
@@ -800,9 +908,7 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
     ) -> np.ndarray:
         """Posterior-predictive standard deviation, shape (n,) or (n, d_y)."""
         x = self._x(X)
-        s = _predict.predictive_std(
-            self.model_, self.guide_, x, self._draws(num_draws), self._seed(seed)
-        )
+        s = self.posterior_.std(x, self._draws(num_draws), self._seed(seed))
         return self._out(s)
 
     def predict_quantiles(
@@ -811,8 +917,8 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         """Quantiles of the exact predictive CDF: shape (n, m) or (n, m, d_y) for m levels."""
         x = self._x(X)
         q_t = torch.as_tensor(as_levels(q, "q"), dtype=x.dtype)
-        out = _predict.predictive_quantiles(
-            self.model_, self.guide_, x, q_t.to(x.device), self._draws(num_draws), self._seed(seed)
+        out = self.posterior_.quantiles(
+            x, q_t.to(x.device), self._draws(num_draws), self._seed(seed)
         )
         return self._out(out)
 
@@ -821,9 +927,7 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
     ) -> tuple[np.ndarray, np.ndarray]:
         """Central predictive interval (lower, upper), each of shape (n,) or (n, d_y)."""
         x = self._x(X)
-        lo, hi = _predict.predictive_interval(
-            self.model_, self.guide_, x, level, self._draws(num_draws), self._seed(seed)
-        )
+        lo, hi = self.posterior_.interval(x, level, self._draws(num_draws), self._seed(seed))
         return self._out(lo), self._out(hi)
 
     def predict_modes(
@@ -835,9 +939,7 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         (n_modes, d_y).
         """
         x = self._x(X)
-        modes, _ = _predict.predictive_modes(
-            self.model_, self.guide_, x, num_draws, self._seed(seed)
-        )
+        modes, _ = self.posterior_.modes(x, num_draws, self._seed(seed))
         out = []
         for row in modes.cpu().numpy():
             row = row[~np.isnan(row).any(-1)]
@@ -851,12 +953,10 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
 
         ``sampler="predictive"`` draws through ``pyro.infer.Predictive``; ``"direct"`` calls
         the same sampler without Pyro's tracing (see
-        :func:`bayes_mdn.predict.sample_predictive`); docs/benchmarks.md times both.
+        :meth:`bayes_mdn.posterior.Posterior.sample`); docs/benchmarks.md times both.
         """
         x = self._x(X)
-        s = _predict.sample_predictive(
-            self.model_, self.guide_, x, n_samples, self._seed(seed), sampler=sampler
-        )
+        s = self.posterior_.sample(x, n_samples, self._seed(seed), sampler=sampler)
         return self._out(s)
 
     def log_prob(
@@ -865,9 +965,7 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         """Log posterior-predictive density log p(y | x, D) per point, shape (n,)."""
         x = self._x(X)
         yt = self._y(y, len(x))
-        lp = _predict.log_predictive_density(
-            self.model_, self.guide_, x, yt, self._draws(num_draws), self._seed(seed)
-        )
+        lp = self.posterior_.log_prob(x, yt, self._draws(num_draws), self._seed(seed))
         return lp.cpu().numpy()
 
     def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
@@ -894,18 +992,14 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
     ) -> MixtureParams:
         """The predictive at each x as one Gaussian mixture of S*K components (tensors)."""
         x = self._x(X)
-        return _predict.predictive_mixture(
-            self.model_, self.guide_, x, self._draws(num_draws), self._seed(seed)
-        )
+        return self.posterior_.mixture(x, self._draws(num_draws), self._seed(seed)).params
 
     def uncertainty(
         self, X: Any, num_draws: int | None = None, seed: Any = "default"
     ) -> dict[str, np.ndarray]:
         """Predictive variance split into aleatoric and epistemic parts, each (n,) or (n, d_y)."""
         x = self._x(X)
-        parts = _predict.uncertainty_decomposition(
-            self.model_, self.guide_, x, self._draws(num_draws), self._seed(seed)
-        )
+        parts = self.posterior_.uncertainty(x, self._draws(num_draws), self._seed(seed))
         return {k: self._out(v) for k, v in parts.items()}
 
     def predict_covariance(
@@ -916,9 +1010,7 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         Kept 3-D even for 1-D y (then (n, 1, 1)): a covariance is a matrix.
         """
         x = self._x(X)
-        cov = _predict.predictive_covariance(
-            self.model_, self.guide_, x, self._draws(num_draws), self._seed(seed)
-        )
+        cov = self.posterior_.covariance(x, self._draws(num_draws), self._seed(seed))
         return cov.cpu().numpy()
 
     def predict_cdf(
@@ -931,9 +1023,7 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         """
         x = self._x(X)
         yt = self._y(y, len(x))
-        pit = _predict.predictive_cdf(
-            self.model_, self.guide_, x, yt, self._draws(num_draws), self._seed(seed)
-        )
+        pit = self.posterior_.cdf(x, yt, self._draws(num_draws), self._seed(seed))
         return self._out(pit)
 
     def to_inference_data(self, X: Any, y: Any, num_draws: int | None = None) -> Any:
@@ -947,6 +1037,15 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         return to_inference_data(self, X, y, num_draws=num_draws)
 
 
+@dataclass(frozen=True)
+class _Checkpointing:
+    """Where and how often one ``fit`` call writes checkpoints, and whether it resumes."""
+
+    path: str | None
+    every: int
+    resume: bool
+
+
 def _member_path(
     checkpoint: str | os.PathLike[str] | None, member: int, n_members: int
 ) -> str | None:
@@ -956,18 +1055,6 @@ def _member_path(
         return None
     path = os.fspath(checkpoint)
     return path if n_members == 1 else f"{path}.member{member}"
-
-
-def auto_components(n_train: int) -> int:
-    """The number of mixture components ``n_components="auto"`` gives ``n_train`` rows:
-    round(n_train ** (1/3)), between 3 and 20.
-
-    Examples
-    --------
-    >>> [auto_components(n) for n in (100, 1_000, 5_000, 100_000)]
-    [5, 10, 17, 20]
-    """
-    return int(min(20, max(3, round(n_train ** (1 / 3)))))
 
 
 def _n_workers(n_jobs: int | None) -> int:
@@ -981,37 +1068,42 @@ def _n_workers(n_jobs: int | None) -> int:
 
 def _fit_member_in_worker(
     estimator: BayesianMDN,
+    build: Callable[..., tuple[MixtureDensityModel, torch.nn.Module]],
     x: Tensor,
     y: Tensor,
     stats: tuple[Tensor, Tensor, Tensor, Tensor],
+    ck: _Checkpointing,
     seed: int | None,
     config: FitConfig,
     checkpoint: str | None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], FitHistory]:
     # The member is built here, as the parent builds its twin: an autoguide does not
     # travel between processes (it keeps its model out of its pickled state).
-    model, guide = estimator._build_model(x.shape[1], y.shape[1], stats, seed)
-    history = estimator._fit_member(x, y, model, guide, config, checkpoint)
+    model, guide = build(stats, seed)
+    history = estimator._fit_member(x, y, model, guide, config, replace(ck, path=checkpoint))
     # Tensors travel back, not modules.
     return dict(model.state_dict()), dict(guide.state_dict()), history
 
 
 def _fit_in_workers(
     estimator: BayesianMDN,
+    build: Callable[..., tuple[MixtureDensityModel, torch.nn.Module]],
     x: Tensor,
     y: Tensor,
     stats: tuple[Tensor, Tensor, Tensor, Tensor],
     members: list[tuple[MixtureDensityModel, torch.nn.Module]],
     jobs: list[tuple[int | None, FitConfig, str | None]],
+    ck: _Checkpointing,
     n_jobs: int,
 ) -> list[FitHistory]:
     """Fit the members in ``n_jobs`` worker processes (joblib's loky backend), each member
-    exactly as :meth:`BayesianMDN._fit_member` fits it in this process, then copy each
-    fitted state into this process's twin of it (``members``)."""
+    built by ``build(stats, seed)`` and fitted exactly as :meth:`BayesianMDN._fit_member`
+    fits it in this process, then copy each fitted state into this process's twin of it
+    (``members``)."""
     from joblib import Parallel, delayed
 
     results = Parallel(n_jobs=n_jobs)(
-        delayed(_fit_member_in_worker)(estimator, x, y, stats, *job) for job in jobs
+        delayed(_fit_member_in_worker)(estimator, build, x, y, stats, ck, *job) for job in jobs
     )
     histories = []
     for (model, guide), (model_state, guide_state, history) in zip(members, results):
@@ -1023,25 +1115,3 @@ def _fit_in_workers(
             guide.load_state_dict(guide_state)
         histories.append(history)
     return histories
-
-
-def backbone_class(backbone: torch.nn.Module) -> str:
-    """The qualified class name a saved model records for its backbone."""
-    kind = type(backbone)
-    return f"{kind.__module__}.{kind.__qualname__}"
-
-
-def _backbone_width(
-    backbone: torch.nn.Module, d_x: int, device: torch.device, dtype: torch.dtype
-) -> int:
-    """F, the width of the features ``backbone`` gives for rows of d_x columns, found by
-    calling it on two rows of zeros (two, so that normalization layers have a batch)."""
-    with torch.no_grad():
-        out = backbone(torch.zeros(2, d_x, device=device, dtype=dtype))
-    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != 2:
-        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(
-            f"backbone must map a batch of rows, shape (n, {d_x}), to features of shape "
-            f"(n, F); on 2 rows it returned {shape}"
-        )
-    return int(out.shape[1])

@@ -13,21 +13,17 @@ import contextlib
 import os
 from typing import Any
 
-import numpy as np
 import torch
 
 from ._archive import ModelFileError, TensorSpec, read_archive
 from ._utils import pyro_scope, resolve_device, seeded
-from .estimator import (
-    DTYPES,
-    MODEL_FILE_KIND,
-    MODEL_FORMAT_VERSION,
-    BayesianMDN,
-    backbone_class,
-)
+from .estimator import MODEL_FILE_KIND, MODEL_FORMAT_VERSION, BayesianMDN
 from .fit import FitHistory
-from .guides import EnsembleGuide
+from .guides import EmpiricalGuide, EnsembleGuide
+from .mcmc import NUTSConfig
 from .model import MixtureDensityModel
+from .posterior import Posterior
+from .spec import ModelSpec, backbone_class
 
 __all__ = ["FORMAT_VERSION", "ModelFileError", "load", "save"]
 
@@ -162,10 +158,12 @@ def _short(err: BaseException, limit: int = 500) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _estimator(
+def _settings(
     header: dict[str, Any], device_name: str, backbone: torch.nn.Module | None
-) -> tuple[BayesianMDN, int, int]:
-    """The estimator the header's settings describe, checked, and (n_features, n_outputs)."""
+) -> tuple[dict[str, Any], ModelSpec, NUTSConfig | None, int, int, int]:
+    """The estimator's parameters the header holds, checked as ``fit`` checks them; the
+    model they describe; the NUTS run that made its draws (``method="nuts"``); and the
+    fitted (n_features, n_outputs, n_components)."""
     for section in ("params", "fitted", "model", "guide"):
         if not isinstance(header.get(section), dict):
             raise ModelFileError(f"the header's {section!r} section is missing or not a mapping")
@@ -175,7 +173,8 @@ def _estimator(
     # Files written before randomized prior functions hold networks without one.
     params.setdefault("prior_function", 0.0)
     params["backbone"] = _backbone(params.get("backbone"), backbone)
-    valid = set(BayesianMDN._param_names())
+    params["device"] = device_name
+    valid = set(BayesianMDN().get_params())
     unknown = sorted(set(params) - valid)
     if unknown:
         raise ModelFileError(
@@ -183,8 +182,8 @@ def _estimator(
             f"(written by version {header.get('library_version', 'unknown')!r})"
         )
     est = BayesianMDN(**params)
-    est.device = device_name
-    est._check_options()
+    spec, _ = est.check_params()
+    nuts = est.nuts_config() if params.get("method") == "nuts" else None
     fitted = header["fitted"]
     d_x, d_y = fitted["n_features_in_"], fitted["n_outputs_"]
     # Files written before n_components="auto" hold the K they used in n_components.
@@ -198,8 +197,7 @@ def _estimator(
     for name, value in (("n_features_in_", d_x), ("n_outputs_", d_y), ("n_components_", k)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ModelFileError(f"the header's {name} must be an integer >= 1, got {value!r}")
-    est.n_components_ = k
-    return est, d_x, d_y
+    return params, spec, nuts, d_x, d_y, k
 
 
 def _backbone(declared: object, given: torch.nn.Module | None) -> torch.nn.Module | None:
@@ -240,7 +238,7 @@ def _check_declared(header: dict[str, Any], backbone: torch.nn.Module | None = N
     description, and everything the rebuild later allocates is as large as what the
     file really holds.
     """
-    est, d_x, d_y = _estimator(header, "cpu", backbone)
+    params, spec, nuts, d_x, d_y, k = _settings(header, "cpu", backbone)
     stored = {
         section: {k: v for k, v in header[section].items()} for section in ("model", "guide")
     }
@@ -252,18 +250,18 @@ def _check_declared(header: dict[str, Any], backbone: torch.nn.Module | None = N
             )
     # One weight matrix and one bias a layer, each a stored tensor: more layers than
     # stored tensors cannot match, and would only cost time to describe.
-    if len(est.hidden) >= len(stored["model"]):
+    if len(spec.hidden) >= len(stored["model"]):
         raise ModelFileError(
-            f"the header describes {len(est.hidden)} hidden layers, but the file stores "
+            f"the header describes {len(spec.hidden)} hidden layers, but the file stores "
             f"only {len(stored['model'])} model tensors"
         )
     # Each ensemble member stores at least one guide or model tensor of its own.
-    if est.n_members > len(stored["guide"]) + 1:
+    if _n_members(params) > len(stored["guide"]) + 1:
         raise ModelFileError(
-            f"the header describes {est.n_members} ensemble members, but the file stores "
+            f"the header describes {_n_members(params)} ensemble members, but the file stores "
             f"only {len(stored['guide'])} guide tensors"
         )
-    model, guide = _build(est, d_x, d_y, torch.device("meta"))
+    model, guide = _build(spec, _n_members(params), d_x, d_y, k, torch.device("meta"), nuts)
     problems = []
     for section, module in (("model", model), ("guide", guide)):
         expected = {k: (v.dtype, tuple(v.shape)) for k, v in module.state_dict().items()}
@@ -289,16 +287,26 @@ def _check_declared(header: dict[str, Any], backbone: torch.nn.Module | None = N
         )
 
 
+def _n_members(params: dict[str, Any]) -> int:
+    """The members a file stores: method="nuts" keeps one SVI member (see
+    :meth:`BayesianMDN.fit`)."""
+    return 1 if params.get("method") == "nuts" else int(params["n_members"])
+
+
 def _build(
-    est: BayesianMDN,
+    spec: ModelSpec,
+    n_members: int,
     d_x: int,
     d_y: int,
+    n_components: int,
     device: torch.device,
+    nuts: NUTSConfig | None,
     model_state: dict[str, torch.Tensor] | None = None,
 ) -> tuple[MixtureDensityModel, torch.nn.Module]:
-    """The model and guide ``est`` describes, the model holding ``model_state`` when
-    given, the guide's parameters created (to be overwritten by a saved state)."""
-    dtype = DTYPES[est.dtype]
+    """The model and guide ``spec`` describes, the model holding ``model_state`` when
+    given, the guide's parameters created (to be overwritten by a saved state); for a
+    NUTS fit (``nuts``) the guide holds draws of the run's shape."""
+    dtype = spec.torch_dtype
     # Building the network draws an initialization that load_state_dict overwrites; the
     # fork keeps the caller's random stream untouched by loading. On the meta device
     # nothing is drawn or allocated; its factory functions need the device as default.
@@ -313,9 +321,10 @@ def _build(
             torch.ones(d_y, device=device, dtype=dtype),
         )
         members = []
-        # method="nuts" keeps one SVI member (see BayesianMDN.fit).
-        for _ in range(1 if est.method == "nuts" else est.n_members):
-            model, guide = est._build_model(d_x, d_y, placeholders, init_seed=None if meta else 0)
+        for _ in range(n_members):
+            model, guide = spec.build(
+                d_x, d_y, n_components, placeholders, init_seed=None if meta else 0
+            )
             # Autoguides create their parameters on the first call: run one on a dummy
             # batch so that the saved values have somewhere to go.
             with pyro_scope():
@@ -327,6 +336,13 @@ def _build(
         model = members[0][0]
         if model_state is not None:
             model.load_state_dict(model_state)
+        if nuts is not None:
+            draws = (nuts.num_chains, nuts.num_samples)
+            placeholder = {
+                name: torch.zeros(*draws, *shape, device=device, dtype=dtype)
+                for name, shape in model.latent_shapes.items()
+            }
+            return model, EmpiricalGuide(placeholder)
     if len(members) == 1:
         return members[0]
     return model, EnsembleGuide([m for m, _ in members], [g for _, g in members])
@@ -338,20 +354,15 @@ def _rebuild(
     device_name: str,
     backbone: torch.nn.Module | None = None,
 ) -> BayesianMDN:
-    est, d_x, d_y = _estimator(header, device_name, backbone)
+    params, spec, nuts, d_x, d_y, k = _settings(header, device_name, backbone)
     fitted = header["fitted"]
-    model, guide = _build(est, d_x, d_y, device, header["model"])
+    model, guide = _build(spec, _n_members(params), d_x, d_y, k, device, nuts, header["model"])
     guide.load_state_dict(header["guide"])
-    est.model_ = model
-    est.guide_ = guide
-    est.history_ = FitHistory(**fitted["history"])
-    est.histories_ = [FitHistory(**h) for h in fitted.get("histories", [fitted["history"]])]
-    est.n_members_ = len(guide) if isinstance(guide, EnsembleGuide) else 1
-    est.n_steps_ = sum(h.steps for h in est.histories_)
-    names = fitted.get("feature_names_in_") or []
-    if names:
-        est.feature_names_in_ = np.asarray(names, dtype=object)
-    est.n_features_in_ = d_x
-    est.n_outputs_ = d_y
-    est._y_1d = bool(fitted["y_1d"])
-    return est
+    histories = [FitHistory(**h) for h in fitted.get("histories", [fitted["history"]])]
+    return BayesianMDN.from_posterior(
+        Posterior(model, guide, params["num_draws"]),
+        histories,
+        y_1d=bool(fitted["y_1d"]),
+        feature_names_in=fitted.get("feature_names_in_") or None,
+        **params,
+    )

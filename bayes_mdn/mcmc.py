@@ -6,6 +6,7 @@ this process, against which the variational fits of :mod:`bayes_mdn.fit` can be 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -13,7 +14,46 @@ from torch import Tensor
 from ._utils import pyro_scope, seeded
 from .model import MixtureDensityModel
 
-__all__ = ["fit_nuts"]
+__all__ = ["NUTSConfig", "fit_nuts"]
+
+
+@dataclass(frozen=True)
+class NUTSConfig:
+    """Settings of the NUTS run of ``BayesianMDN(method="nuts")``, checked when built.
+
+    Parameters
+    ----------
+    num_chains : int
+        Independent chains, run one after another (two or more for R-hat).
+    warmup_steps : int
+        Adaptation steps per chain.
+    num_samples : int
+        Kept draws per chain.
+    max_tree_depth : int
+        NUTS tree depth cap; 5 keeps a step under 32 gradient evaluations.
+
+    See :func:`fit_nuts` for what they cost.
+
+    Examples
+    --------
+    >>> NUTSConfig(num_chains=1, num_samples=50)
+    NUTSConfig(num_chains=1, warmup_steps=200, num_samples=50, max_tree_depth=5)
+    >>> NUTSConfig(max_tree_depth=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: max_tree_depth must be an integer >= 1, got 0
+    """
+
+    num_chains: int = 2
+    warmup_steps: int = 200
+    num_samples: int = 200
+    max_tree_depth: int = 5
+
+    def __post_init__(self) -> None:
+        for name in ("num_chains", "warmup_steps", "num_samples", "max_tree_depth"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def fit_nuts(

@@ -231,7 +231,7 @@ def fit_csv(
     read. Returns the fitted estimator.
     """
     mdn = BayesianMDN(**options)
-    mdn._check_options()
+    mdn.check_params()
     X = read_columns(csv_path, x_columns, "--x")
     y = read_columns(csv_path, y_columns, "--y")
     check_columns_fit(csv_path, X, x_columns, "--x", mdn.dtype)
@@ -257,7 +257,7 @@ def fit_parquet(
     from .sources import ParquetSource
 
     mdn = BayesianMDN(**options)
-    mdn._check_options()
+    mdn.check_params()
     source = ParquetSource(path, x=x_columns, y=y_columns)
     mdn.fit(source)
     mdn.save(model_path)

@@ -32,9 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.tensor(X, dtype=torch.float32)
     yt = torch.tensor(y[:, None], dtype=torch.float32)
     est = BayesianMDN(progress=False, seed=0)
-    est.n_components_ = 20
+    spec = est.model_spec()
     stats = (x.mean(0), x.std(0), yt.mean(0), yt.std(0))
-    members = [est._build_model(1, 1, stats, seed) for seed in range(est.n_members)]
+    members = [spec.build(1, 1, 20, stats, seed) for seed in range(est.n_members)]
     n = int(0.9 * args.rows)
     with pyro_scope():
         losses = []

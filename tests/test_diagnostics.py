@@ -6,7 +6,7 @@ import pytest
 import torch
 from sklearn.exceptions import NotFittedError
 
-from bayes_mdn import BayesianMDN, diagnostics, make_inverse_sine
+from bayes_mdn import BayesianMDN, NUTSConfig, diagnostics, make_inverse_sine
 from bayes_mdn.cli import main
 from bayes_mdn.guides import EmpiricalGuide, draw_latents
 
@@ -252,10 +252,7 @@ def test_nuts_reference_converges_on_log_likelihood() -> None:
         lr=3e-2,
         val_fraction=0.0,
         method="nuts",
-        num_chains=chains,
-        nuts_warmup=150,
-        nuts_samples=150,
-        max_tree_depth=4,
+        nuts=NUTSConfig(num_chains=chains, warmup_steps=150, num_samples=150, max_tree_depth=4),
     )
     assert isinstance(mdn.guide_, EmpiricalGuide)
     assert sum(mdn.nuts_info_["divergences"]) <= 2

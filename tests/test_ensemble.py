@@ -73,20 +73,20 @@ def test_stacked_members_follow_the_fits_they_would_have_alone(data, options):
 
 @pytest.mark.parametrize("particles", [1, 3])
 def test_stacked_mean_field_loss_is_each_members_negative_elbo(data, particles):
-    from bayes_mdn.fit import FitConfig, _make_loss
+    from bayes_mdn.config import FitConfig
+    from bayes_mdn.losses import make_loss
     from bayes_mdn.stacked import StackedLoss
 
     X, y = data
-    est = BayesianMDN(**FAST, n_members=2, guide="normal", bayesian="all")
-    est.n_components_ = 3
+    spec = BayesianMDN(**FAST, n_members=2, guide="normal", bayesian="all").model_spec()
     x = torch.as_tensor(X, dtype=torch.float32)
     t = torch.as_tensor(y[:, None], dtype=torch.float32)
     stats = (x.mean(0), x.std(0), t.mean(0), t.std(0))
     with pyro_scope():
         losses = []
         for seed in (0, 1):
-            model, guide = est._build_model(1, 1, stats, seed)
-            loss = _make_loss(model, guide, FitConfig())
+            model, guide = spec.build(1, 1, 3, stats, seed)
+            loss = make_loss(model, guide, FitConfig())
             loss(x[:8], t[:8], subsample=torch.arange(8), n_total=len(x))
             losses.append(loss)
         stack = StackedLoss(losses, num_particles=particles)
@@ -204,18 +204,19 @@ def test_ensemble_save_and_load_round_trip(data, tmp_path):
 def test_ensemble_checkpoints_resume_member_by_member(data, tmp_path):
     X, y = data
     ck = tmp_path / "ck"
-    kw = {**FAST, "n_members": 2, "checkpoint": ck, "checkpoint_every": 2, "guide": "lowrank"}
-    first = BayesianMDN(**kw).fit(X, y)
+    kw = {**FAST, "n_members": 2, "guide": "lowrank"}
+    ckw = {"checkpoint": ck, "checkpoint_every": 2}
+    first = BayesianMDN(**kw).fit(X, y, **ckw)
     assert sorted(p.name for p in tmp_path.glob("ck*")) == ["ck.member0", "ck.member1"]
     # Every member's loop is finished: resuming restores the same ensemble.
-    again = BayesianMDN(**kw, resume=True).fit(X, y)
+    again = BayesianMDN(**kw).fit(X, y, **ckw, resume=True)
     np.testing.assert_array_equal(again.log_prob(X, y), first.log_prob(X, y))
     # Worker processes change no number, so they may resume an in-process fit.
-    workers = BayesianMDN(**kw, resume=True, n_jobs=2).fit(X, y)
+    workers = BayesianMDN(**kw, n_jobs=2).fit(X, y, **ckw, resume=True)
     np.testing.assert_array_equal(workers.log_prob(X, y), first.log_prob(X, y))
     # A changed setting is refused for the ensemble as for one fit.
     with pytest.raises(ValueError, match="other settings"):
-        BayesianMDN(**{**kw, "lr": 0.02}, resume=True).fit(X, y)
+        BayesianMDN(**{**kw, "lr": 0.02}).fit(X, y, **ckw, resume=True)
 
 
 @pytest.mark.parametrize("guide", ["normal", "delta"])
@@ -241,11 +242,11 @@ def test_stacked_resume_equals_uninterrupted_fit(data, tmp_path, monkeypatch, gu
 
     monkeypatch.setattr(stacked, "_validation_scores", crash_at_the_fifth)
     with pytest.raises(KeyboardInterrupt):
-        BayesianMDN(**kw, checkpoint=ck, checkpoint_every=2).fit(X, y)
+        BayesianMDN(**kw).fit(X, y, checkpoint=ck, checkpoint_every=2)
     monkeypatch.setattr(stacked, "_validation_scores", original)
     # One file holds every stacked member.
     assert [p.name for p in tmp_path.glob("ck*")] == ["ck"]
-    resumed = BayesianMDN(**kw, checkpoint=ck, checkpoint_every=2, resume=True).fit(X, y)
+    resumed = BayesianMDN(**kw).fit(X, y, checkpoint=ck, checkpoint_every=2, resume=True)
     np.testing.assert_array_equal(resumed.log_prob(X, y), reference.log_prob(X, y))
     for a, b in zip(resumed.histories_, reference.histories_):
         assert (a.train_loss, a.val_nll, a.best_epoch, a.stopped_early, a.steps) == (
@@ -256,4 +257,4 @@ def test_stacked_resume_equals_uninterrupted_fit(data, tmp_path, monkeypatch, gu
             b.steps,
         )
     with pytest.raises(ValueError, match="other settings"):
-        BayesianMDN(**{**kw, "lr": 0.02}, checkpoint=ck, resume=True).fit(X, y)
+        BayesianMDN(**{**kw, "lr": 0.02}).fit(X, y, checkpoint=ck, resume=True)

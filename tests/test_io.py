@@ -18,6 +18,7 @@ import bayes_mdn
 from bayes_mdn import BayesianMDN, ModelFileError, load
 from bayes_mdn import fit as fit_module
 from bayes_mdn._archive import read_archive, write_archive
+from bayes_mdn.checkpoint import CHECKPOINT_VERSION
 from bayes_mdn.io import FORMAT_VERSION
 
 
@@ -207,7 +208,7 @@ def test_other_format_version_is_refused(tmp_path, saved):
 
 def test_checkpoint_is_not_a_model(tmp_path):
     X, y = _data()
-    _tiny(checkpoint=tmp_path / "ck").fit(X, y)
+    _tiny().fit(X, y, checkpoint=tmp_path / "ck")
     with pytest.raises(ModelFileError, match="kind 'checkpoint'"):
         load(tmp_path / "ck", device="cpu")
 
@@ -369,11 +370,11 @@ def test_resumed_fit_equals_uninterrupted_fit(
     ck = tmp_path / "fit.ckpt"
     _crash_at_validation(monkeypatch, crash_at)
     with pytest.raises(KeyboardInterrupt):
-        _tiny(checkpoint=ck, checkpoint_every=2, **settings_).fit(X, Y)
+        _tiny(**settings_).fit(X, Y, checkpoint=ck, checkpoint_every=2)
     monkeypatch.undo()
-    saved = read_archive(ck, "checkpoint", fit_module.CHECKPOINT_VERSION)
+    saved = read_archive(ck, "checkpoint", CHECKPOINT_VERSION)
     assert 0 < saved["epoch"] < crash_at
-    resumed = _tiny(checkpoint=ck, checkpoint_every=2, resume=True, **settings_).fit(X, Y)
+    resumed = _tiny(**settings_).fit(X, Y, checkpoint=ck, checkpoint_every=2, resume=True)
 
     before, after = _all_params(reference), _all_params(resumed)
     assert before.keys() == after.keys()
@@ -388,8 +389,8 @@ def test_resumed_fit_equals_uninterrupted_fit(
 def test_resuming_a_finished_fit_changes_nothing(tmp_path):
     X, y = _data()
     ck = tmp_path / "ck"
-    first = _tiny(checkpoint=ck, epochs=3).fit(X, y)
-    again = _tiny(checkpoint=ck, epochs=3, resume=True).fit(X, y)
+    first = _tiny(epochs=3).fit(X, y, checkpoint=ck)
+    again = _tiny(epochs=3).fit(X, y, checkpoint=ck, resume=True)
     assert again.history_.train_loss == first.history_.train_loss
     assert all(
         torch.equal(a, b) for a, b in zip(_all_params(first).values(), _all_params(again).values())
@@ -399,7 +400,7 @@ def test_resuming_a_finished_fit_changes_nothing(tmp_path):
 def test_resume_without_a_file_starts_afresh(tmp_path):
     X, y = _data()
     fresh = _tiny().fit(X, y)
-    resumed = _tiny(checkpoint=tmp_path / "none-yet", resume=True).fit(X, y)
+    resumed = _tiny().fit(X, y, checkpoint=tmp_path / "none-yet", resume=True)
     np.testing.assert_array_equal(fresh.predict(X[:4]), resumed.predict(X[:4]))
     assert (tmp_path / "none-yet").exists()
 
@@ -407,13 +408,13 @@ def test_resume_without_a_file_starts_afresh(tmp_path):
 def test_resume_refuses_other_settings_and_data(tmp_path):
     X, y = _data()
     ck = tmp_path / "ck"
-    _tiny(checkpoint=ck, epochs=2).fit(X, y)
+    _tiny(epochs=2).fit(X, y, checkpoint=ck)
     with pytest.raises(ValueError, match=r"other settings \(epochs: checkpoint 2, now 3; lr: "):
-        _tiny(checkpoint=ck, epochs=3, lr=0.05, resume=True).fit(X, y)
+        _tiny(epochs=3, lr=0.05).fit(X, y, checkpoint=ck, resume=True)
     with pytest.raises(ValueError, match="other data"):
-        _tiny(checkpoint=ck, epochs=2, resume=True).fit(X, y + 1)
+        _tiny(epochs=2).fit(X, y + 1, checkpoint=ck, resume=True)
     # progress changes no number, so it may differ
-    _tiny(checkpoint=ck, epochs=2, resume=True, progress=False).fit(X, y)
+    _tiny(epochs=2, progress=False).fit(X, y, checkpoint=ck, resume=True)
 
 
 @pytest.mark.parametrize(
@@ -440,30 +441,28 @@ def test_resume_refuses_changed_model_settings(
     ck = tmp_path / "ck"
     _crash_at_validation(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
-        _tiny(checkpoint=ck, checkpoint_every=1, epochs=4, val_fraction=0.25).fit(X, y)
+        _tiny(epochs=4, val_fraction=0.25).fit(X, y, checkpoint=ck, checkpoint_every=1)
     monkeypatch.undo()
-    changed = _tiny(checkpoint=ck, epochs=4, val_fraction=0.25, resume=True, **{setting: value})
+    changed = _tiny(epochs=4, val_fraction=0.25, **{setting: value})
     with pytest.raises(
         ValueError, match=re.escape(f"other settings ({setting}: checkpoint {shown})")
     ):
-        changed.fit(X, y)
+        changed.fit(X, y, checkpoint=ck, resume=True)
 
 
 def test_resume_names_every_changed_setting_and_accepts_equal_ones(tmp_path):
     X, y = _data()
     ck = tmp_path / "ck"
-    _tiny(checkpoint=ck, epochs=2).fit(X, y)
+    _tiny(epochs=2).fit(X, y, checkpoint=ck)
     with pytest.raises(ValueError) as err:
-        _tiny(checkpoint=ck, epochs=2, resume=True, activation="tanh", min_scale=0.1).fit(X, y)
+        _tiny(epochs=2, activation="tanh", min_scale=0.1).fit(X, y, checkpoint=ck, resume=True)
     assert "activation: checkpoint 'relu', now 'tanh'; min_scale: checkpoint 0.02" in str(
         err.value
     )
     assert "other data" not in str(err.value)
     # A list for the tuple, and the bookkeeping arguments, change nothing that is fitted.
-    again = _tiny(
-        checkpoint=str(ck), checkpoint_every=5, epochs=2, resume=True, hidden=[8], num_threads=1
-    )
-    assert again.fit(X, y).history_.steps == 2 * 2
+    again = _tiny(epochs=2, hidden=[8], num_threads=1)
+    assert again.fit(X, y, checkpoint=str(ck), checkpoint_every=5, resume=True).history_.steps == 4
 
 
 def _low_level(tmp_path, ck, **model_options):
@@ -516,7 +515,7 @@ def test_resume_identity_is_stored_and_compared(tmp_path):
         )
 
     run({"activation": "tanh", "width": (8,), "path": Path("a")})
-    saved = read_archive(ck, "checkpoint", fit_module.CHECKPOINT_VERSION)
+    saved = read_archive(ck, "checkpoint", CHECKPOINT_VERSION)
     assert saved["identity"] == {"activation": "tanh", "width": [8], "path": "a"}
     run({"activation": "tanh", "width": [8], "path": "a"})
     with pytest.raises(ValueError, match=r"\(activation: checkpoint 'tanh', now 'elu'\)"):
@@ -528,11 +527,11 @@ def test_resume_identity_is_stored_and_compared(tmp_path):
 def test_resume_names_other_data_shapes(tmp_path):
     X, y = _data()
     ck = tmp_path / "ck"
-    _tiny(checkpoint=ck, epochs=2).fit(X, y)
+    _tiny(epochs=2).fit(X, y, checkpoint=ck)
     with pytest.raises(
         ValueError, match=r"other data \(x and y of shapes \(64, 1\) and \(64, 1\), now \(60, 1\)"
     ):
-        _tiny(checkpoint=ck, epochs=2, resume=True).fit(X[:60], y[:60])
+        _tiny(epochs=2).fit(X[:60], y[:60], checkpoint=ck, resume=True)
 
 
 @pytest.mark.parametrize(
@@ -547,4 +546,20 @@ def test_resume_names_other_data_shapes(tmp_path):
 def test_bad_checkpoint_arguments(tmp_path, options, error, match):
     X, y = _data()
     with pytest.raises(error, match=match):
-        _tiny(**options).fit(X, y)
+        _tiny().fit(X, y, **options)
+
+
+def test_constructor_checkpoint_arguments_still_work_with_a_warning(tmp_path):
+    """0.1 code passes the checkpoint to the constructor: it still resumes, and is told to
+    pass it to fit instead."""
+    X, y = _data()
+    ck = tmp_path / "ck"
+    first = _tiny(epochs=2).fit(X, y, checkpoint=ck)
+    with pytest.warns(FutureWarning, match=r"pass it to fit\(X, y, checkpoint=..., resume="):
+        again = _tiny(epochs=2, checkpoint=ck, resume=True).fit(X, y)
+    np.testing.assert_array_equal(again.log_prob(X, y), first.log_prob(X, y))
+    assert again.history_.steps == first.history_.steps
+    # The call's own argument wins over the constructor's.
+    with pytest.warns(FutureWarning):
+        _tiny(epochs=2, checkpoint=tmp_path / "unused").fit(X, y, checkpoint=ck, resume=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]

@@ -27,3 +27,8 @@ def test_readme_python_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
     oracle = float(re.search(r"oracle NLL\s+([\d.]+)", printed).group(1))
     # The README's numbers (gap 0.047); the bound as in test_quality.py.
     assert oracle < nll < oracle + 0.06
+    # The next block reads the fitted posterior of the first.
+    exec(compile(python_blocks()[1], str(README), "exec"), namespace)
+    assert namespace["mix"].batch_shape == (5,)
+    assert namespace["quantiles"].shape == (5, 3, 1)
+    assert (namespace["quantiles"].diff(dim=1) > 0).all()

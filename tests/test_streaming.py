@@ -192,14 +192,16 @@ def test_a_checkpoint_written_by_two_processes_resumes_on_one(rows, tmp_path):
     path = tmp_path / "fit.ckpt"
     source = ArraySource(X, y[:, None], y_1d=True)
     # 54 steps an epoch, validation rounds (and checkpoints) every 25 steps.
-    options = dict(SMALL, epochs=4, batch_size=20, val_draws=2, checkpoint_every=1)
+    options = dict(SMALL, epochs=4, batch_size=20, val_draws=2)
     # Pass 1 is the scan, in this process; a worker's copy of the source then starts
     # epoch 0 on pass 2 and crashes as epoch 1 starts (pass 3), after the round that
     # ended at step 50: the resume starts inside epoch 0.
     with pytest.raises(RuntimeError, match="simulated crash"):
-        BayesianMDN(devices=2, checkpoint=path, **options).fit(CrashingSource(source, 3))
+        BayesianMDN(devices=2, **options).fit(
+            CrashingSource(source, 3), checkpoint=path, checkpoint_every=1
+        )
     assert path.exists()
-    resumed = BayesianMDN(checkpoint=path, resume=True, **options).fit(source)
+    resumed = BayesianMDN(**options).fit(source, checkpoint=path, checkpoint_every=1, resume=True)
     uninterrupted = BayesianMDN(**options).fit(source)
     assert _max_diff(_params(resumed), _params(uninterrupted)) < 1e-10
     assert resumed.n_steps_ == uninterrupted.n_steps_
@@ -209,12 +211,12 @@ def test_checkpoint_resume_in_one_process_is_exact(rows, tmp_path):
     X, y = rows
     path = tmp_path / "fit.ckpt"
     source = ArraySource(X, y[:, None], y_1d=True)
-    options = dict(SMALL, epochs=4, batch_size=20, val_draws=2, checkpoint_every=1)
+    options = dict(SMALL, epochs=4, batch_size=20, val_draws=2)
     # Crashes as epoch 2 starts (step 108), after the round that ended at step 100.
     with pytest.raises(RuntimeError, match="simulated crash"):
-        BayesianMDN(checkpoint=path, **options).fit(CrashingSource(source, 4))
+        BayesianMDN(**options).fit(CrashingSource(source, 4), checkpoint=path, checkpoint_every=1)
     assert path.exists()
-    resumed = BayesianMDN(checkpoint=path, resume=True, **options).fit(source)
+    resumed = BayesianMDN(**options).fit(source, checkpoint=path, checkpoint_every=1, resume=True)
     uninterrupted = BayesianMDN(**options).fit(source)
     assert _max_diff(_params(resumed), _params(uninterrupted)) == 0
 
