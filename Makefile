@@ -58,7 +58,7 @@ lint: setup
 	$(PY) -m ruff format --check .
 
 benchmark: setup
-	$(PY) scripts/benchmark.py
+	$(PY) -m benchmarks.steps
 	$(PY) -m benchmarks.speed --rows 10000 100000 --repeats 3 --out docs/speed
 
 # Full real-data suite (issue #12): every model, every split; writes docs/real_data.{md,json,png}.

@@ -1,5 +1,5 @@
-"""What the timing benchmarks (``speed``, ``numpyro_speed``) share: the machine they ran
-on, and writing a result as ``<out>.json`` and ``<out>.md``."""
+"""What the timing benchmarks (``steps``, ``speed``, ``numpyro_speed``, ``streaming``) share:
+the machine they ran on, and writing a result as ``<out>.json`` and ``<out>.md``."""
 
 from __future__ import annotations
 
@@ -20,10 +20,11 @@ def machine() -> dict:
     }
 
 
-def emit(result: dict, text: str, out: Path | None) -> None:
-    """Print the report; with ``out``, also write ``<out>.json`` (the result) and
-    ``<out>.md`` (the report)."""
-    print(text)
+def emit(result: dict, text: str, out: Path | None, *, echo: bool = True) -> None:
+    """Print the report (unless ``echo`` is False); with ``out``, also write ``<out>.json``
+    (the result) and ``<out>.md`` (the report)."""
+    if echo:
+        print(text)
     if out is not None:
         out.with_suffix(".json").write_text(json.dumps(result, indent=1))
         out.with_suffix(".md").write_text(text)

@@ -1,14 +1,15 @@
-"""Smoke test of scripts/benchmark.py at tiny sizes: every section, finite numbers."""
+"""The benchmarks package: benchmarks.steps at tiny sizes (every section, finite numbers,
+time to target from whole library fits), and the reports of the other benchmarks."""
 
-import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from benchmarks import steps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,20 +28,32 @@ def _numbers(obj):
 def test_quick_benchmark_writes_every_section(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--quick", "--out", str(out)],
+        [sys.executable, "-m", "benchmarks.steps", "--quick", "--out", str(out)],
         capture_output=True,
         text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=180,
+        cwd=ROOT,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     assert {"meta", "step", "target", "predictive", "scaling"} <= result.keys()
+    assert result["meta"]["quick"] is True and result["meta"]["settings"] == steps.QUICK
     assert len(result["step"]) == 5
     assert all(r["ms_per_step"] > 0 and r["ratio"] > 0 for r in result["step"])
-    assert result["target"]["target_nll"] > result["target"]["oracle_nll"]
-    assert all(r["best_test_nll"] > 0 for r in result["target"]["rows"])
+    target = result["target"]
+    assert target["target_nll"] == pytest.approx(target["oracle_nll"] + steps.TARGET_GAP)
+    assert all(r["best_test_nll"] > 0 for r in target["rows"])
+    # Every variant was either stopped at the target or trained the whole budget; each
+    # library row is whole fit_svi calls, one per budget, replaying one run.
+    every, budget = steps.QUICK["eval_every"], steps.QUICK["target_max_epochs"]
+    plain, *library = target["rows"]
+    assert plain["variant"].startswith("plain") and "fits" not in plain
+    assert [r["variant"] for r in library] == [v[0] for v in steps.STEP_VARIANTS[:3]]
+    for r in target["rows"]:
+        assert r["epochs_trained"] == (r["epochs_to_target"] if r["reached"] else budget)
+    for r in library:
+        assert r["fits"] == r["epochs_trained"] // every and r["replays_one_run"] is True
     for row in result["predictive"]:
         assert row["draws_x_points_per_second"] > 0 and row["peak_rss_mb"] > 0
     scaling = result["scaling"]
@@ -50,19 +63,34 @@ def test_quick_benchmark_writes_every_section(tmp_path):
     assert {t["target"].split(" ")[0] for t in result["targets"]} >= {"MAP", "mean-field"}
     assert all(isinstance(t["met"], bool) for t in result["targets"])
     markdown = out.with_suffix(".md").read_text()
+    assert markdown == steps.markdown(result)
+    assert "`python -m benchmarks.steps --quick`" in markdown
     assert "| MAP (bayesian=last, delta) |" in markdown and "## Scaling" in markdown
-    assert "## Targets of issue #7" in markdown
+    assert "replay one training run" in markdown and "## Targets of issue #7" in markdown
+    assert markdown in proc.stdout  # the report is printed once, at the end
+    assert proc.stdout.count("# bayes_mdn benchmarks") == 1
+
+
+def test_time_to_target_stops_at_the_first_budget_reached(monkeypatch):
+    """With a target every fit meets, each variant stops after its first budget: one
+    fit_svi call of eval_every epochs, timed."""
+    monkeypatch.setattr(steps, "TARGET_GAP", math.inf)
+    settings = {**steps.QUICK, "n_train": 200, "n_test": 200, "target_max_epochs": 6}
+    result = steps.bench_target(settings)
+    for r in result["rows"]:
+        assert r["reached"] and r["epochs_to_target"] == settings["eval_every"]
+        assert r["seconds_to_target"] == r["seconds_trained"] > 0
+        assert r.get("fits", 1) == 1
 
 
 def test_benchmark_help_and_bad_section(capsys):
-    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
     with pytest.raises(SystemExit) as ok:
-        benchmark.main(["--help"])
-    assert ok.value.code == 0 and "--quick" in capsys.readouterr().out
+        steps.main(["--help"])
+    text = capsys.readouterr().out
+    assert ok.value.code == 0 and "--quick" in text and "--out" in text
+    assert "python -m benchmarks.steps" in text
     with pytest.raises(SystemExit) as bad:
-        benchmark.main(["--sections", "steps"])
+        steps.main(["--sections", "steps"])
     assert bad.value.code == 2 and "--sections" in capsys.readouterr().err
 
 
@@ -70,12 +98,12 @@ def test_benchmark_help_and_bad_section(capsys):
 def test_end_to_end_speed_benchmark_runs(tmp_path, monkeypatch):
     """benchmarks/speed.py times the library's own fit and the hand-written loop doing
     the same members and steps (no timing is asserted, only that both ran)."""
-    from bayes_mdn import fit as fit_module
+    from bayes_mdn import config as config_module
     from benchmarks import speed
 
     # A short automatic budget: the default fit, in a few seconds.
-    monkeypatch.setattr(fit_module, "AUTO_STEPS", 200)
-    monkeypatch.setattr(fit_module, "AUTO_PATIENCE_STEPS", 100)
+    monkeypatch.setattr(config_module, "AUTO_STEPS", 200)
+    monkeypatch.setattr(config_module, "AUTO_PATIENCE_STEPS", 100)
 
     assert speed.main(["--rows", "300", "--repeats", "1", "--out", str(tmp_path / "s")]) == 0
     result = json.loads((tmp_path / "s.json").read_text())

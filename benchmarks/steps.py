@@ -1,23 +1,48 @@
-"""Speed and memory benchmark of bayes_mdn on the inverse-sine problem (issue #7).
+"""Per-step, time-to-target, predictive and scaling benchmark of bayes_mdn (issue #7).
 
-Measures, against a hand-written plain-PyTorch MDN loop on the same network:
+``python -m benchmarks.steps [--quick] [--out docs/benchmarks.json] [--threads 1]
+[--sections step,target,predictive,scaling]``
 
-- step:       time per SVI step of ``fit_svi`` for each guide, and the ratio to the
-              hand-written MLE step (same network, batch and Adam);
-- target:     training time to reach a test NLL within 0.05 nats of the exact oracle;
-- predictive: draws x points per second and peak memory of ``sample_predictive`` and
-              ``log_predictive_density`` (1,000 draws over 10,000 x in the full run);
-- scaling:    time per epoch and peak memory against training rows N and components K.
+On the inverse-sine problem, against a hand-written plain-PyTorch MDN loop (the peer: the
+same network, pre-standardized data, a logsumexp mixture NLL, Adam), measures:
 
-Every timing is the median of repeated runs interleaved across variants (A, B, A, B, ...)
-so that drift in machine load hits every variant alike. Memory is the peak resident set
-growth of a fresh subprocess per measurement (Linux ``/proc/self/status``, peak reset after
-setup), so peaks neither accumulate nor include another measurement's.
+- step:       time per optimizer step of ``fit_svi`` for each guide, steady state:
+              (T(1 + E epochs) - T(1 epoch)) / (E steps per epoch) from the fits' own clock
+              (``FitHistory.seconds``), so the once-per-fit setup is not spread over the
+              steps; and its ratio to the hand-written MLE step on the same batches;
+- target:     training time to a test NLL within 0.05 nats of the exact oracle;
+- predictive: draws x points per second and peak memory of ``predict.sample_predictive``
+              and ``predict.log_predictive_density`` (1,000 draws over 10,000 x in the full run);
+- scaling:    time per epoch and peak memory of ``fit_svi`` against training rows N and
+              components K.
 
-Usage::
+Every timing is of the library's public functions (``fit_svi``, ``bayes_mdn.predict``);
+nothing here copies the library's loop.
 
-    python scripts/benchmark.py            # full run, writes docs/benchmarks.{json,md}
-    python scripts/benchmark.py --quick --out /tmp/bench.json
+Time to target. The library's rows time whole ``fit_svi`` calls: for budgets of
+``eval_every``, 2 ``eval_every``, 3 ``eval_every``, ... epochs, a fresh model from the same
+initial weights is fitted from the same seed with a constant learning rate and no validation
+split, then its test NLL is evaluated off the clock; the time to target is the wall time of
+the first call whose fit reaches the target, setup included. With a constant rate nothing in
+the loop depends on the budget, so the fit of b epochs is the first b epochs of every longer
+one and the budgets replay a single run, evaluated every ``eval_every`` epochs. The run checks
+this rather than assuming it: whether each fit's per-epoch training losses
+(``FitHistory.train_loss``) begin with the previous, shorter fit's is reported as
+``replays_one_run`` and stated in the report. The price is
+quadratic: a variant reaching the target after b epochs trains about b**2 / (2 eval_every)
+epochs in all. The hand-written loop is one run trained ``eval_every`` epochs at a time (its
+state, Adam's included, carries over) and evaluated in between; its time is the sum of its
+training chunks (its set-up, building the network, standardizing the data and creating
+Adam, is not counted; the library's, inside ``fit_svi``, is).
+
+Timings are medians of repeated runs interleaved across variants (A, B, A, B, ...), and the
+time-to-target budgets are run round by round across variants, so that drift in machine
+load hits every variant alike. Memory is the peak resident set growth of a fresh subprocess
+per measurement (Linux ``/proc/self/status``, peak reset after setup), so peaks neither
+accumulate nor include another measurement's. The result is written after every section
+(``<out>.json`` and the report ``<out>.md``), so a long run that fails late keeps what it
+measured. ``make benchmark`` runs the full sizes (``FULL``); ``--quick`` runs tiny ones
+(``QUICK``), a smoke test whose numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +51,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -36,22 +60,37 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
+from bayes_mdn import (
+    FitConfig,
+    MixtureDensityModel,
+    MixtureDensityNetwork,
+    fit_svi,
+    inverse_sine_log_density,
+    make_guide,
+    make_inverse_sine,
+    predict,
+)
+from bayes_mdn.model import DEFAULT_MAX_ELEMENTS
+
+from ._report import emit, machine
+
+__all__ = [
+    "FULL",
+    "QUICK",
+    "HandWritten",
+    "bench_predictive",
+    "bench_scaling",
+    "bench_step",
+    "bench_target",
+    "main",
+    "markdown",
+    "targets",
+]
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    # Run from a checkout: benchmark this tree's bayes_mdn, not an installed copy.
-    sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from bayes_mdn import predict  # noqa: E402
-from bayes_mdn._files import atomic_path, write_json  # noqa: E402
-from bayes_mdn._utils import pyro_scope  # noqa: E402
-from bayes_mdn.datasets import inverse_sine_log_density, make_inverse_sine  # noqa: E402
-from bayes_mdn.fit import FitConfig, _make_loss, fit_svi  # noqa: E402
-from bayes_mdn.guides import make_guide  # noqa: E402
-from bayes_mdn.model import MixtureDensityModel  # noqa: E402
-from bayes_mdn.nets import MixtureDensityNetwork  # noqa: E402
 
 # (label, bayesian, guide): the guides of issue #7.
 STEP_VARIANTS = [
@@ -89,7 +128,9 @@ QUICK = {
     "batch": 100,
     "hidden": [16],
     "components": 5,
-    "step_epochs": 1,
+    # Three extra epochs (12 steps), not one: a difference of 4 steps' time could come out
+    # negative under a load spike on a shared machine.
+    "step_epochs": 3,
     "repeats": 3,
     "target_max_epochs": 4,
     "eval_every": 2,
@@ -107,6 +148,7 @@ QUICK = {
     "scaling_repeats": 1,
 }
 TARGET_GAP = 0.05
+TARGET_LR = 5e-3
 SECTIONS = ("step", "target", "predictive", "scaling")
 
 
@@ -132,7 +174,8 @@ def _build(x: torch.Tensor, y: torch.Tensor, bayesian: str, guide: str, hidden, 
 
 def _config(batch: int, epochs: int, **kw: Any) -> FitConfig:
     # Constant learning rate, no clipping, no input noise: the hand-written loop does none
-    # of these, and the comparison is of the same work.
+    # of these, and the comparison is of the same work. num_threads=None: the fit runs on
+    # the threads --threads set, as the hand-written loop does.
     base = dict(
         epochs=epochs,
         batch_size=batch,
@@ -145,6 +188,7 @@ def _config(batch: int, epochs: int, **kw: Any) -> FitConfig:
         seed=0,
         device="cpu",
         progress=False,
+        num_threads=None,
     )
     base.update(kw)
     return FitConfig(**base)
@@ -251,75 +295,69 @@ def bench_step(s: dict) -> list[dict]:
 
 # -- 2. time to target -----------------------------------------------------------------------
 def bench_target(s: dict) -> dict:
+    """Whole ``fit_svi`` calls of growing budgets against one hand-written run (see the
+    module docstring)."""
     x, y = _data(s["n_train"], seed=0)
     x_test, y_test = _data(s["n_test"], seed=1)
     oracle = float(-inverse_sine_log_density(x_test.numpy(), y_test[:, 0].numpy()).mean())
     target = oracle + TARGET_GAP
-    lr, batch, chunk = 5e-3, s["batch"], s["eval_every"]
+    batch, every = s["batch"], s["eval_every"]
+    hidden, k = s["hidden"], s["components"]
+    plain_label = "plain (hand-written MLE)"
 
-    class PyroLoop:
-        def __init__(self, bayesian: str, guide: str) -> None:
-            self.model, self.guide = _build(x, y, bayesian, guide, s["hidden"], s["components"])
-            self.draws = 1 if guide == "delta" else 32
-            with pyro_scope():
-                self.loss = _make_loss(self.model, self.guide, _config(batch, 1))
-                self.loss(x[:batch], y[:batch], subsample=torch.arange(batch), n_total=len(x))
-            params = [p for p in self.loss.parameters() if p.requires_grad]
-            self.optimizer = torch.optim.Adam(params, lr=lr)
+    def library_fit(bayesian: str, guide: str, budget: int) -> tuple[float, float, list[float]]:
+        """(wall seconds of the fit_svi call, test NLL, per-epoch training losses)."""
+        model, g = _build(x, y, bayesian, guide, hidden, k)
+        start = time.perf_counter()
+        history = fit_svi(model, g, x, y, _config(batch, budget, lr=TARGET_LR))
+        seconds = time.perf_counter() - start
+        draws = 1 if guide == "delta" else 32
+        lpd = predict.log_predictive_density(model, g, x_test, y_test, num_draws=draws)
+        return seconds, -lpd.mean().item(), history.train_loss
 
-        def epochs(self, n_epochs: int) -> None:
-            n = len(x)
-            with pyro_scope():
-                for _ in range(n_epochs):
-                    perm = torch.randperm(n)
-                    for start in range(0, n, batch):
-                        idx = perm[start : start + batch]
-                        loss = self.loss(x[idx], y[idx], subsample=idx, n_total=n)
-                        self.optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        self.optimizer.step()
+    # Warm-up, discarded: first-call allocations and lazy imports are no variant's cost.
+    HandWritten(x, y, hidden, k, lr=TARGET_LR).epochs(1, batch)
+    for _, bayesian, guide in STEP_VARIANTS[:3]:
+        library_fit(bayesian, guide, 1)
 
-        def test_nll(self) -> float:
-            lpd = predict.log_predictive_density(
-                self.model, self.guide, x_test, y_test, num_draws=self.draws
-            )
-            return -lpd.mean().item()
-
-    class PlainLoop:
-        def __init__(self) -> None:
-            self.loop = HandWritten(x, y, s["hidden"], s["components"], lr=lr)
-
-        def epochs(self, n_epochs: int) -> None:
-            self.loop.epochs(n_epochs, batch)
-
-        def test_nll(self) -> float:
-            return self.loop.test_nll(x_test, y_test)
-
-    loops = {"plain (hand-written MLE)": PlainLoop()}
-    for label, bayesian, guide in STEP_VARIANTS[:3]:
-        loops[label] = PyroLoop(bayesian, guide)
-    state = {
-        k: {"seconds": 0.0, "epochs": 0, "best_nll": math.inf, "reached": None} for k in loops
+    plain = HandWritten(x, y, hidden, k, lr=TARGET_LR)
+    variants = {plain_label: None, **{v[0]: v[1:] for v in STEP_VARIANTS[:3]}}
+    state: dict[str, dict[str, Any]] = {
+        key: {
+            "seconds": 0.0,
+            "epochs": 0,
+            "best_nll": math.inf,
+            "reached": None,
+            "fits": 0,
+            "losses": [],
+            "replays": True,
+        }
+        for key in variants
     }
-    # Round-robin chunks of epochs: load drift hits every loop alike. Evaluation is off
-    # the clock.
-    for _ in range(0, s["target_max_epochs"], chunk):
-        for key, loop in loops.items():
+    for budget in range(every, s["target_max_epochs"] + 1, every):
+        for key, spec in variants.items():
             st = state[key]
             if st["reached"] is not None:
                 continue
-            start = time.perf_counter()
-            loop.epochs(chunk)
-            st["seconds"] += time.perf_counter() - start
-            st["epochs"] += chunk
-            nll = loop.test_nll()
+            if spec is None:
+                start = time.perf_counter()
+                plain.epochs(every, batch)
+                st["seconds"] += time.perf_counter() - start
+                nll = plain.test_nll(x_test, y_test)
+            else:
+                st["seconds"], nll, losses = library_fit(*spec, budget)
+                st["replays"] &= losses[: len(st["losses"])] == st["losses"]
+                st["losses"] = losses
+                st["fits"] += 1
+            st["epochs"] = budget
             st["best_nll"] = min(st["best_nll"], nll)
             if nll <= target:
-                st["reached"] = {"seconds": st["seconds"], "epochs": st["epochs"]}
+                st["reached"] = {"seconds": st["seconds"], "epochs": budget}
         if all(st["reached"] is not None for st in state.values()):
             break
-    rows = [
-        {
+    rows = []
+    for key, st in state.items():
+        row = {
             "variant": key,
             "reached": st["reached"] is not None,
             "seconds_to_target": st["reached"]["seconds"] if st["reached"] else None,
@@ -328,9 +366,11 @@ def bench_target(s: dict) -> dict:
             "epochs_trained": st["epochs"],
             "best_test_nll": st["best_nll"],
         }
-        for key, st in state.items()
-    ]
-    return {"oracle_nll": oracle, "target_nll": target, "lr": lr, "rows": rows}
+        if variants[key] is not None:
+            row["fits"] = st["fits"]
+            row["replays_one_run"] = st["replays"]
+        rows.append(row)
+    return {"oracle_nll": oracle, "target_nll": target, "lr": TARGET_LR, "rows": rows}
 
 
 # -- 3 and 4. subprocess measurements ------------------------------------------------------
@@ -364,8 +404,9 @@ def worker(job: dict) -> dict:
     if job["kind"] == "predictive":
         x, y = _data(2000, seed=0)
         model, guide = _build(x, y, "last", "normal", job["hidden"], job["components"])
-        with pyro_scope():
-            guide(x[:10], y[:10])  # create the guide's parameters
+        # A one-epoch fit on a few rows creates the guide's parameters; sampling costs the
+        # same whatever their values.
+        fit_svi(model, guide, x[:64], y[:64], _config(32, 1))
         xq, yq = _data(job["points"], seed=2)
         draws, me = job["draws"], job["max_elements"]
         if job["fn"].startswith("sample_predictive"):
@@ -408,12 +449,14 @@ def worker(job: dict) -> dict:
 
 
 def _spawn(job: dict) -> dict:
+    # From the checkout's root, so that the worker imports this tree's bayes_mdn and
+    # benchmarks (the benchmarks package is not installed).
     proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)],
+        [sys.executable, "-m", "benchmarks.steps", "--worker", json.dumps(job)],
         capture_output=True,
         text=True,
         check=False,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark worker {job} failed:\n{proc.stderr}")
@@ -427,12 +470,12 @@ def bench_predictive(s: dict, threads: int) -> list[dict]:
         for me in s["max_elements"]
     ]
     # The direct sampler (the model's sampler without Pyro's tracing) at the default chunks.
-    jobs.append(("sample_predictive_direct", predict.DEFAULT_MAX_ELEMENTS, threads))
+    jobs.append(("sample_predictive_direct", DEFAULT_MAX_ELEMENTS, threads))
     # Sampling at the default chunk size again with every core: whether more threads pay
     # (on a shared machine the other cores are busy, and oversubscribing them costs).
     cores = os.cpu_count() or 1
     if cores > threads:
-        jobs.append(("sample_predictive", predict.DEFAULT_MAX_ELEMENTS, cores))
+        jobs.append(("sample_predictive", DEFAULT_MAX_ELEMENTS, cores))
     rows = []
     for fn, me, n_threads in jobs:
         job = {
@@ -513,7 +556,7 @@ def targets(result: dict) -> list[dict]:
             out.append({"target": label, "limit": limit, "value": value, "met": value <= limit})
     for r in result.get("predictive", []):
         if r["function"].startswith("sample_predictive") and r["max_elements"] == (
-            predict.DEFAULT_MAX_ELEMENTS
+            DEFAULT_MAX_ELEMENTS
         ):
             out.append(
                 {
@@ -567,15 +610,16 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 
 def markdown(result: dict) -> str:
+    """The report of a result, as markdown."""
     m = result["meta"]
     st = m["settings"]
     lines = [
         "# bayes_mdn benchmarks",
         "",
-        f"Generated by `scripts/benchmark.py{' --quick' if m['quick'] else ''}` on "
+        f"Generated by `python -m benchmarks.steps{' --quick' if m['quick'] else ''}` on "
         f"{m['machine']}, torch {m['torch']}, {m['threads']} torch thread(s), "
-        f"load average {m['load_average']} at start"
-        + (f", {m['load_average_end']} at the end" if "load_average_end" in m else "")
+        f"load average {m['load_at_start']} at start"
+        + (f", {m['load_at_end']} at the end" if "load_at_end" in m else "")
         + ". The machine is shared with other users' jobs: every timing is the median of "
         "repeated runs interleaved across the variants it is compared with (A, B, A, B, "
         "...), so that load drift hits them alike; absolute times are noisy, ratios less so.",
@@ -607,11 +651,28 @@ def markdown(result: dict) -> str:
             )
     if "target" in result:
         t = result["target"]
+        library = [r for r in t["rows"] if "fits" in r]
+        replays = all(r["replays_one_run"] for r in library)
         lines += [
             "",
             f"## Time to test NLL within {TARGET_GAP} nats of the oracle "
             f"(oracle {t['oracle_nll']:.4f}, target {t['target_nll']:.4f}; Adam lr {t['lr']}, "
             f"batch {st['batch']}, evaluation every {st['eval_every']} epochs, off the clock)",
+            "",
+            f"The library's rows time whole `fit_svi` calls with budgets of {st['eval_every']}, "
+            f"{2 * st['eval_every']}, {3 * st['eval_every']}, ... epochs from the same seed "
+            "(constant learning rate, no validation split): seconds to target are the wall "
+            "time of the first call whose fit reaches the target, its setup included. "
+            + (
+                "On this run each budget's per-epoch training losses began with the shorter "
+                "budget's, so the fits replay one training run. "
+                if replays
+                else "On this run some budget's training losses did NOT begin with the "
+                "shorter budget's: the fits are not one run replayed (see the JSON's "
+                "`replays_one_run`). "
+            )
+            + "The hand-written row is one run trained between evaluations, its training "
+            "time summed.",
             "",
             "| variant | seconds to target | epochs to target | best test NLL | epochs trained |",
             "|---|---|---|---|---|",
@@ -688,17 +749,24 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
-    parser.add_argument(
-        "--out", default=str(ROOT / "docs" / "benchmarks.json"), help="JSON result path"
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.steps", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument(
-        "--markdown",
-        default=None,
-        help="markdown table path (default: benchmarks.md beside --out)",
+        "--quick",
+        action="store_true",
+        help="tiny sizes: a smoke test of every section whose numbers mean nothing",
     )
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "docs" / "benchmarks.json",
+        help="write the result to OUT with its suffix replaced by .json, and the report "
+        "beside it with .md (default: docs/benchmarks.json and docs/benchmarks.md)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads of every timed call (default 1)"
+    )
     parser.add_argument(
         "--sections",
         type=lambda v: v.split(","),
@@ -719,45 +787,31 @@ def main(argv: list[str] | None = None) -> int:
     settings = QUICK if args.quick else FULL
     result: dict[str, Any] = {
         "meta": {
+            **machine(),
             "quick": args.quick,
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU(s)",
-            "torch": torch.__version__,
             "numpy": np.__version__,
             "threads": args.threads,
-            "load_average": round(os.getloadavg()[0], 2),
             "settings": settings,
         }
     }
     started = time.perf_counter()
-    text = ""
     sections: list[tuple[str, Callable[[], Any]]] = [
         ("step", lambda: bench_step(settings)),
         ("target", lambda: bench_target(settings)),
         ("predictive", lambda: bench_predictive(settings, args.threads)),
         ("scaling", lambda: bench_scaling(settings, args.threads)),
     ]
-    for name, fn in sections:
-        if name not in args.sections:
-            continue
+    chosen = [(name, fn) for name, fn in sections if name in args.sections]
+    for i, (name, fn) in enumerate(chosen):
         t0 = time.perf_counter()
         result[name] = fn()
         print(f"[{name}] {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         # Written after every section, so a long run that fails late keeps what it measured.
         result["meta"]["seconds"] = time.perf_counter() - started
-        result["meta"]["load_average_end"] = round(os.getloadavg()[0], 2)
+        result["meta"]["load_at_end"] = round(os.getloadavg()[0], 2)
         result["targets"] = targets(result)
-        text = _write(result, args)
-    print(text)
+        emit(result, markdown(result), args.out, echo=i == len(chosen) - 1)
     return 0
-
-
-def _write(result: dict, args: argparse.Namespace) -> str:
-    write_json(args.out, result)
-    md_path = Path(args.markdown) if args.markdown else Path(args.out).with_suffix(".md")
-    text = markdown(result)
-    with atomic_path(md_path) as tmp:
-        tmp.write_text(text)
-    return text
 
 
 if __name__ == "__main__":
