@@ -27,7 +27,7 @@ __all__ = ["CHECKPOINT_VERSION", "check_checkpoint_args", "checkpoint_identity"]
 CHECKPOINT_VERSION = 2
 _CHECKPOINT_KIND = "checkpoint"
 # Settings that leave every number of a fit unchanged, so a resume may change them.
-_RESUME_FREE = ("progress",)
+_RESUME_FREE = ("progress", "jit")  # jit: deprecated, does nothing
 # Estimator arguments that are bookkeeping, not part of what is fitted.
 # n_jobs: members fitted in worker processes give the numbers of an in-process fit;
 # devices: a data-parallel fit follows the one-process objective (bayes_mdn.streaming).
@@ -39,13 +39,21 @@ _IDENTITY_FREE = (
     "num_threads",
     "n_jobs",
     "devices",
+    "jit",
+    # The NUTS run that may follow the SVI loop changes nothing in it.
+    "nuts",
+    "num_chains",
+    "nuts_warmup",
+    "nuts_samples",
+    "max_tree_depth",
 )
 
 
 def checkpoint_identity(params: Mapping[str, object]) -> dict[str, object]:
     """The ``identity`` of :func:`~bayes_mdn.fit.fit_svi` for an estimator with these
     constructor arguments: all of them but the bookkeeping ones (progress, checkpoint,
-    checkpoint_every, resume, num_threads, n_jobs, devices), so that an argument added
+    checkpoint_every, resume, num_threads, n_jobs, devices), the deprecated ``jit`` and
+    the NUTS settings (which change nothing in the SVI loop), so that an argument added
     later is part of a checkpoint's identity without being listed anywhere.
 
     Examples
@@ -253,11 +261,14 @@ def _read_checkpoint(
 def _setting_differences(saved: dict, config: FitConfig, identity: object) -> list[str]:
     """'name: checkpoint old, now new' for each loop setting or identity entry that differs
     (the identity only when this fit passes one)."""
-    old = dict(saved["config"])
+    old = {k: v for k, v in dict(saved["config"]).items() if k not in _RESUME_FREE}
     now = _resume_config(config)
     if identity is not None:
         saved_identity = saved.get("identity")
-        old = (saved_identity if isinstance(saved_identity, dict) else {}) | old
+        saved_identity = saved_identity if isinstance(saved_identity, dict) else {}
+        # Settings that stopped being part of the identity (a checkpoint of an older
+        # version holds the NUTS settings) are not compared.
+        old = {k: v for k, v in saved_identity.items() if k not in _IDENTITY_FREE} | old
         now = dict(identity) | now  # type: ignore[call-overload]
     return [
         f"{k}: checkpoint {old.get(k)!r}, now {now.get(k)!r}"

@@ -60,13 +60,12 @@ class FitConfig:
     input_noise : standard deviation of Gaussian noise added to each standardized input
         at every step, 0 for none. Noise regularization (Rothfuss et al., 2019) smooths
         p(y | x) along x; it is the most effective regularizer for MDNs in their study.
-    jit : compile the ELBO with ``JitTrace_ELBO``. Not available: under module-local
-        parameters, Pyro 1.9's ``JitTrace_ELBO`` looks its parameters up in the global
-        param store and fails (KeyError). The deterministic and mean-field guides
-        ignore it, their objectives being computed directly
-        (:class:`~bayes_mdn.losses.MapLoss`, :class:`~bayes_mdn.losses.MeanFieldLoss`,
-        faster than the JIT-compiled ELBO); ``"lowrank"`` refuses it with a ValueError
-        when the fit starts.
+    jit : deprecated, does nothing (removed in 0.3); ``fit_svi`` and ``BayesianMDN.fit``
+        warn when it is set. Pyro's
+        ``JitTrace_ELBO`` cannot run on module-local parameters (it looks them up in the
+        global param store), the built-in guides' objectives are computed directly
+        (:class:`~bayes_mdn.losses.MapLoss`, :class:`~bayes_mdn.losses.MeanFieldLoss`),
+        and ``torch.compile`` of the step gives no speed-up on the CPU (docs/notes.md).
     seed : seed of every random choice of the fit, an integer in [0, 2**63); None for
         fresh randomness
     device : "auto", "cpu", "cuda" or "cuda:N"

@@ -286,6 +286,9 @@ def _posterior(source: Any) -> Posterior:
     if isinstance(getattr(source, "posterior_", None), Posterior):
         post = source.posterior_
         return Posterior(post.model, post.guide, source.num_draws, post.max_elements)
+    if hasattr(source, "model_") and hasattr(source, "guide_"):
+        # Any fitted object that exposes a model and a guide, as 0.1 accepted.
+        return Posterior(source.model_, source.guide_, getattr(source, "num_draws", 100))
     if hasattr(source, "get_params"):
         from sklearn.exceptions import NotFittedError
 

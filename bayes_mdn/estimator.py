@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -26,6 +27,7 @@ from ._validation import (
     standardization,
 )
 from .fit import (
+    JIT_DEPRECATED,
     FitConfig,
     FitHistory,
     check_checkpoint_args,
@@ -132,11 +134,14 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
     rank : int or None
         Rank of the ``"lowrank"`` guide; None picks sqrt(number of latent weights).
     epochs, batch_size, lr, lr_schedule, clip_norm, num_particles, val_fraction,
-    patience, val_draws, input_noise, jit :
+    patience, val_draws, input_noise :
         The SVI loop of each member, see :class:`bayes_mdn.fit.FitConfig`. By default the
         budget is counted in optimizer steps (``epochs="auto"``) and each member holds out
         ``val_fraction`` of the rows and stops when their log predictive density has not
         improved for ``patience="auto"`` steps, keeping its best state.
+    jit : bool
+        Deprecated and does nothing (removed in 0.3); ``True`` warns. See
+        :class:`~bayes_mdn.config.FitConfig`.
     num_draws : int
         Posterior draws behind every prediction (one for deterministic guides).
     dtype : {"float32", "float64"}
@@ -317,10 +322,6 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         self.nuts = nuts
 
     # -- scikit-learn protocol -------------------------------------------------------
-    @classmethod
-    def _param_names(cls) -> list[str]:
-        return list(cls._get_param_names())
-
     def __sklearn_tags__(self):  # type: ignore[no-untyped-def]
         tags = super().__sklearn_tags__()
         tags.target_tags.single_output = True
@@ -405,7 +406,11 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
             raise ValueError(f"n_jobs must be None or a non-zero integer, got {self.n_jobs!r}")
         if not isinstance(self.devices, int) or isinstance(self.devices, bool) or self.devices < 1:
             raise ValueError(f"devices must be an integer >= 1, got {self.devices!r}")
-        if not isinstance(self.num_draws, int) or self.num_draws < 1:
+        if (
+            not isinstance(self.num_draws, int)
+            or isinstance(self.num_draws, bool)
+            or self.num_draws < 1
+        ):
             raise ValueError(f"num_draws must be an integer >= 1, got {self.num_draws!r}")
         check_checkpoint_args(self.checkpoint, self.checkpoint_every, self.resume)
         if self.method not in METHODS:
@@ -445,12 +450,14 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
                 f"{type(nuts).__name__}"
             )
         flat = {
-            "num_chains": ("num_chains", self.num_chains, 2),
-            "nuts_warmup": ("warmup_steps", self.nuts_warmup, 200),
-            "nuts_samples": ("num_samples", self.nuts_samples, 200),
-            "max_tree_depth": ("max_tree_depth", self.max_tree_depth, 5),
+            "num_chains": ("num_chains", self.num_chains),
+            "nuts_warmup": ("warmup_steps", self.nuts_warmup),
+            "nuts_samples": ("num_samples", self.nuts_samples),
+            "max_tree_depth": ("max_tree_depth", self.max_tree_depth),
         }
-        changed = {old: (new, v) for old, (new, v, default) in flat.items() if v != default}
+        # The flat arguments' defaults are NUTSConfig's.
+        defaults = asdict(NUTSConfig())
+        changed = {old: (new, v) for old, (new, v) in flat.items() if v != defaults[new]}
         if not changed:
             return config
         if nuts is not None:
@@ -495,7 +502,9 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
             interrupted fit can continue; None writes none. Stacked and streamed members
             share this one file; members fitted one by one write
             ``<checkpoint>.member<m>`` each. It belongs to this call, not to the model:
-            clones made by ``GridSearchCV`` do not share it.
+            ``get_params``, ``clone`` and saved files do not carry it. (A search such as
+            ``GridSearchCV`` passes fit arguments to every candidate alike, so give it
+            none.)
         checkpoint_every : int or None
             Epochs between checkpoints (the last epoch is always written); None: 10.
         resume : bool or None
@@ -509,6 +518,9 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         """
         spec, config = self.check_params()
         ck = self._checkpointing(checkpoint, checkpoint_every, resume)
+        if config.jit:
+            warnings.warn(JIT_DEPRECATED, FutureWarning, stacklevel=2)
+            config = replace(config, jit=False)
         if isinstance(X, (str, bytes, os.PathLike)):
             raise TypeError(
                 f"fit takes arrays or a data source, got the path {X!r}: read a Parquet "
@@ -698,8 +710,12 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
     ) -> _Checkpointing:
         """The checkpoint settings of one ``fit`` call: its own arguments, else the
         deprecated constructor arguments of the same names (with a FutureWarning)."""
-        old = {"checkpoint": None, "checkpoint_every": 10, "resume": False}
-        set_old = [name for name, default in old.items() if getattr(self, name) != default]
+        defaults = inspect.signature(BayesianMDN.__init__).parameters
+        set_old = [
+            name
+            for name in ("checkpoint", "checkpoint_every", "resume")
+            if getattr(self, name) != defaults[name].default
+        ]
         if set_old:
             warnings.warn(
                 f"BayesianMDN({', '.join(f'{n}=...' for n in set_old)}) is deprecated and "
@@ -730,6 +746,18 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         self.n_outputs_ = net.d_y
         self._y_1d = bool(y_1d)
         return self
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # An estimator pickled by 0.1 holds model_ and guide_, which are now the parts of
+        # posterior_.
+        if "posterior_" not in state and "model_" in state and "guide_" in state:
+            state = dict(state)
+            state["posterior_"] = Posterior(
+                state.pop("model_"), state.pop("guide_"), state.get("num_draws", 100)
+            )
+        state.setdefault("nuts", None)
+        state.setdefault("backbone", None)
+        super().__setstate__(state)
 
     @property
     def model_(self) -> MixtureDensityModel:
@@ -770,16 +798,23 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
             The DataFrame column names predictions check, as after a fit on a DataFrame.
         **params
             Constructor arguments of the estimator, which must describe the posterior's
-            model: ``save`` records them and :func:`bayes_mdn.load` rebuilds the network
-            from them (and refuses a file whose tensors do not match). ``num_draws``
-            defaults to the posterior's and ``n_members`` to its number of members.
+            model (checked: ``save`` records them and :func:`bayes_mdn.load` rebuilds the
+            network from them). ``num_draws`` defaults to the posterior's and
+            ``n_members`` to its number of members.
+
+        Raises
+        ------
+        ValueError
+            When the parameters describe another network (other widths, K, covariance,
+            backbone, Bayesian layers or dtype), another number of members, or another
+            kind of posterior (``method``) than the one given.
 
         Examples
         --------
         >>> from bayes_mdn import make_inverse_sine
         >>> X, y = make_inverse_sine(200, seed=0)
         >>> mdn = BayesianMDN(n_components=3, hidden=(8,), epochs=2, progress=False).fit(X, y)
-        >>> twin = BayesianMDN.from_posterior(mdn.posterior_, y_1d=True)
+        >>> twin = BayesianMDN.from_posterior(mdn.posterior_, y_1d=True, **mdn.get_params())
         >>> bool((twin.predict(X[:3]) == mdn.predict(X[:3])).all())
         True
         """
@@ -794,6 +829,27 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
                 f"n_members={params['n_members']!r}, but the posterior holds {members} member(s)"
             )
         est = cls(**params)
+        nuts = isinstance(guide, EmpiricalGuide)
+        if nuts != (est.method == "nuts"):
+            raise ValueError(
+                f"method={est.method!r}, but the posterior's guide is a "
+                f"{type(guide).__name__}: stored MCMC draws (EmpiricalGuide) go with "
+                "method='nuts', fitted guides with method='svi'"
+            )
+        spec, _ = est.check_params()
+        problems = spec.mismatches(posterior.model)
+        if nuts:
+            config = est.nuts_config()
+            if (config.num_chains, config.num_samples) != (guide.num_chains, guide.num_samples):
+                problems.append(
+                    f"nuts describes {config.num_chains} chains of {config.num_samples} draws, "
+                    f"the guide holds {guide.num_chains} of {guide.num_samples}"
+                )
+        if problems:
+            raise ValueError(
+                "the parameters do not describe the posterior's model (save would write a "
+                "file load refuses): " + "; ".join(problems[:5])
+            )
         est._set_fitted(posterior, list(histories) or [FitHistory()], y_1d)
         if feature_names_in:
             est.feature_names_in_ = np.asarray([str(c) for c in feature_names_in], dtype=object)
@@ -832,9 +888,12 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
             params["backbone"] = {"class": backbone_class(params["backbone"])}
         if not isinstance(params.get("bayesian"), str):
             params["bayesian"] = list(params["bayesian"])
-        if isinstance(params.get("nuts"), NUTSConfig):
+        if params.get("nuts") is None:
+            # Left out, so that files without NUTS settings stay readable by 0.1.
+            del params["nuts"]
+        elif isinstance(params["nuts"], NUTSConfig):
             params["nuts"] = asdict(params["nuts"])
-        elif params.get("nuts") is not None:
+        else:
             params["nuts"] = dict(params["nuts"])
         header = {
             "library_version": __version__,

@@ -18,6 +18,7 @@ import contextlib
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 
 from ._utils import pyro_scope, seeded
 from .checkpoint import (
+    CHECKPOINT_VERSION,
     _data_identity,
     _plain,
     _read_checkpoint,
@@ -33,28 +35,45 @@ from .checkpoint import (
     check_checkpoint_args,
     checkpoint_identity,
 )
-from .config import LR_SCHEDULES, FitConfig, FitHistory
+from .config import (
+    AUTO_PATIENCE_STEPS,
+    AUTO_STEPS,
+    EVAL_STEPS,
+    LR_SCHEDULES,
+    FitConfig,
+    FitHistory,
+)
 from .guides import draw_latents, is_deterministic
 from .losses import MapLoss, MeanFieldLoss, fused_loss_applies, make_loss
-from .mcmc import fit_nuts
+from .mcmc import NUTSConfig, fit_nuts
 from .model import MixtureDensityModel
 
 __all__ = [
+    "AUTO_PATIENCE_STEPS",
+    "AUTO_STEPS",
+    "CHECKPOINT_VERSION",
+    "EVAL_STEPS",
     "LR_SCHEDULES",
     "FitConfig",
     "FitHistory",
     "MapLoss",
     "MeanFieldLoss",
+    "NUTSConfig",
     "check_checkpoint_args",
     "checkpoint_identity",
     "fit_nuts",
     "fit_svi",
     "fused_loss_applies",
+    "make_loss",
 ]
 
-# The loss factory's name before it moved to bayes_mdn.losses (as make_loss), which
-# benchmarks/compile_step.py still imports from here.
-_make_loss = make_loss
+
+#: What ``jit=True`` (deprecated, no effect) warns.
+JIT_DEPRECATED = (
+    "jit is deprecated and does nothing (the built-in losses are computed directly and "
+    "Pyro's JitTrace_ELBO cannot run on module-local parameters); it will be removed in "
+    "bayes_mdn 0.3"
+)
 
 
 def split_indices(n: int, val_fraction: float, seed: int | None) -> tuple[Tensor, Tensor]:
@@ -169,6 +188,8 @@ def fit_svi(
         so no NaN parameters are left behind.
     """
     check_checkpoint_args(checkpoint, checkpoint_every, resume)
+    if config.jit:
+        warnings.warn(JIT_DEPRECATED, FutureWarning, stacklevel=2)
     device = x.device
     history = FitHistory()
     start = time.perf_counter()
@@ -196,7 +217,7 @@ def fit_svi(
         best_score = math.inf
         # Detached aliases of the live parameters: the optimizer and load_state_dict update
         # them in place, so keeping a state is a copy_ per tensor (a deepcopy of the state
-        # dict every epoch cost ~0.9 ms, 6% of a small fit's time).
+        # dict every epoch cost about 6% of a small fit's time).
         live_state = loss_fn.state_dict()
         best_state = {k: v.clone() for k, v in live_state.items()}
         stale = 0

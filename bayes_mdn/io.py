@@ -17,8 +17,8 @@ import torch
 
 from ._archive import ModelFileError, TensorSpec, read_archive
 from ._utils import pyro_scope, resolve_device, seeded
+from .config import FitHistory
 from .estimator import MODEL_FILE_KIND, MODEL_FORMAT_VERSION, BayesianMDN
-from .fit import FitHistory
 from .guides import EmpiricalGuide, EnsembleGuide
 from .mcmc import NUTSConfig
 from .model import MixtureDensityModel

@@ -65,8 +65,8 @@ class _ConstrainedParams:
     without going through ``PyroModule.__getattr__`` on every step.
 
     That lookup resolves the constraint and issues a (module-local) ``pyro.param``
-    effect per parameter, about 0.15 ms per step at two sites: a tenth of a small
-    step. Here each value is read once by that public lookup, which hands back with it
+    effect per parameter, about a tenth of a small step at two sites (measured:
+    docs/notes.md). Here each value is read once by that public lookup, which hands back with it
     its unconstrained ``nn.Parameter`` as ``value.unconstrained()`` (the weak reference
     Pyro attaches to every constrained value, which its own optimizers follow); the
     transform comes from ``constraint_of[name]``, the constraint the caller knows the guide
@@ -302,23 +302,15 @@ def make_loss(model: MixtureDensityModel, guide: nn.Module, config: FitConfig) -
     """The loss module the loop minimizes: ``loss(x, y, subsample=idx, n_total=n)``.
 
     Where :func:`fused_loss_applies`, deterministic guides get :class:`MapLoss`, the same
-    objective as ``Trace_ELBO`` at a fraction of the per-step cost (particles and JIT
-    change nothing for a point mass), and ``AutoNormal`` gets :class:`MeanFieldLoss`, the
+    objective as ``Trace_ELBO`` at a fraction of the per-step cost (particles change
+    nothing for a point mass), and ``AutoNormal`` gets :class:`MeanFieldLoss`, the
     same estimator from the same draws as ``Trace_ELBO``. Every other model and guide
-    gets ``Trace_ELBO`` itself, particles vectorized in one pass; ``config.jit`` is
-    refused there (see :class:`~bayes_mdn.config.FitConfig`).
+    gets ``Trace_ELBO`` itself, particles vectorized in one pass.
     """
     if fused_loss_applies(model, guide):
         if is_deterministic(guide):
             return MapLoss(model, guide)
         return MeanFieldLoss(model, guide, config.num_particles)
-    if config.jit:
-        raise ValueError(
-            f"jit=True does not work with the {type(guide).__name__} guide: Pyro's "
-            "JitTrace_ELBO needs the global param store, and bayes_mdn keeps parameters "
-            "module-local; use jit=False (guide='normal' and 'delta' are computed directly "
-            "and ignore jit)"
-        )
     elbo = Trace_ELBO(
         num_particles=config.num_particles,
         vectorize_particles=config.num_particles > 1,

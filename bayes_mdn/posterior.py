@@ -126,11 +126,6 @@ class Posterior:
         """Dimension of y."""
         return self.model.net.d_y
 
-    @property
-    def deterministic(self) -> bool:
-        """True when every draw of the weights is the same (MAP, or no latent weights)."""
-        return not isinstance(self.guide, EnsembleGuide) and is_deterministic(self.guide)
-
     def effective_draws(self, num_draws: int | None = None) -> int:
         """The draws a prediction asked for ``num_draws`` (default: the posterior's) makes."""
         draws = self.num_draws if num_draws is None else _check_count("num_draws", num_draws)

@@ -192,6 +192,35 @@ class ModelSpec:
         guide = make_guide(model, self.guide, init_scale=float(self.init_scale), rank=self.rank)
         return model, guide
 
+    def mismatches(self, model: MixtureDensityModel) -> list[str]:
+        """How ``model`` differs from the model this spec builds for its dimensions and K:
+        tensors missing, extra, or of another shape or dtype. Empty when the spec describes
+        it. The spec's model is built on the ``meta`` device, which allocates nothing."""
+        net = model.net
+        dtype = self.torch_dtype
+        meta = torch.device("meta")
+        with meta:
+            stats = (
+                torch.zeros(net.d_x, dtype=dtype),
+                torch.ones(net.d_x, dtype=dtype),
+                torch.zeros(net.d_y, dtype=dtype),
+                torch.ones(net.d_y, dtype=dtype),
+            )
+            described, _ = self.build(net.d_x, net.d_y, net.n_components, stats, None)
+        want, have = _shapes(described), _shapes(model)
+        problems = [f"{k} missing" for k in sorted(want.keys() - have.keys())]
+        problems += [f"{k} not described" for k in sorted(have.keys() - want.keys())]
+        problems += [
+            f"{k}: described {want[k][0]} {want[k][1]}, the model has {have[k][0]} {have[k][1]}"
+            for k in sorted(want.keys() & have.keys())
+            if want[k] != have[k]
+        ]
+        return problems
+
+
+def _shapes(module: nn.Module) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    return {k: (v.dtype, tuple(v.shape)) for k, v in module.state_dict().items()}
+
 
 def _backbone_width(
     backbone: nn.Module, d_x: int, device: torch.device, dtype: torch.dtype

@@ -234,7 +234,7 @@ def fit_stacked(
 
     Parameters
     ----------
-    models, guides : the members, as :meth:`BayesianMDN._build_model` makes them (each
+    models, guides : the members, as :meth:`~bayes_mdn.spec.ModelSpec.build` makes them (each
         initialized from its own seed); they share the standardization of x and y
     x : Tensor of shape (n, d_x)
     y : Tensor of shape (n, d_y)

@@ -18,7 +18,7 @@ import torch
 
 from bayes_mdn import BayesianMDN, make_inverse_sine
 from bayes_mdn._utils import pyro_scope
-from bayes_mdn.fit import FitConfig, _adam, _make_loss
+from bayes_mdn.fit import FitConfig, _adam, make_loss
 from bayes_mdn.stacked import StackedLoss
 
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     with pyro_scope():
         losses = []
         for model, guide in members:
-            loss = _make_loss(model, guide, FitConfig())
+            loss = make_loss(model, guide, FitConfig())
             loss(x[:500], yt[:500], subsample=torch.arange(500), n_total=n)
             losses.append(loss)
         stack = StackedLoss(losses, 1)

@@ -5,6 +5,7 @@ import pytest
 import torch
 from pyro.infer import Trace_ELBO
 
+from bayes_mdn import BayesianMDN
 from bayes_mdn.config import FitConfig
 from bayes_mdn.fit import fit_svi
 from bayes_mdn.guides import make_guide
@@ -79,14 +80,20 @@ def test_fit_with_mean_field_loss_matches_trace_elbo_fit(monkeypatch):
         torch.testing.assert_close(fused_state[key], value, rtol=1e-8, atol=1e-10)
 
 
-def test_jit_with_a_lowrank_guide_is_refused_before_fitting():
+def test_jit_is_deprecated_and_changes_nothing():
     # Pyro 1.9's JitTrace_ELBO looks parameters up in the global param store, which
-    # module-local parameters never fill: it failed with a KeyError on the first step.
+    # module-local parameters never fill (it failed with a KeyError on the first step);
+    # the option now warns and every guide trains as without it.
     model, _, x, y = float64_problem("last")
     guide = make_guide(model, "lowrank")
-    config = FitConfig(epochs=1, jit=True, progress=False, device="cpu")
-    with pytest.raises(ValueError, match="jit=True does not work with the AutoLowRank"):
-        fit_svi(model, guide, x, y, config)
+    config = FitConfig(epochs=1, jit=True, progress=False, device="cpu", seed=0)
+    with pytest.warns(FutureWarning, match="jit is deprecated and does nothing"):
+        assert fit_svi(model, guide, x, y, config).steps >= 1
+    X, Y = x.numpy(), y.numpy()
+    with pytest.warns(FutureWarning, match="jit is deprecated") as caught:
+        BayesianMDN(n_components=2, hidden=(4,), epochs=1, jit=True, progress=False).fit(X, Y)
+    # Once, at the caller's line, whatever the number of members.
+    assert [w.filename for w in caught] == [__file__]
 
 
 def test_log_prior_with_batch_dims():

@@ -142,8 +142,7 @@ def test_mean_field_loss_is_stochastic_and_unbiased():
 
 def testmake_loss_picks_mean_field_loss_for_autonormal_only():
     model, _, x, y = float64_problem("last")
-    for config in (FitConfig(), FitConfig(jit=True)):
-        assert isinstance(make_loss(model, make_guide(model, "normal"), config), MeanFieldLoss)
+    assert isinstance(make_loss(model, make_guide(model, "normal"), FitConfig()), MeanFieldLoss)
     lowrank = make_loss(model, make_guide(model, "lowrank"), FitConfig())
     assert not isinstance(lowrank, (MapLoss, MeanFieldLoss))
     with pytest.raises(TypeError, match="AutoNormal"):

@@ -110,6 +110,15 @@ def test_from_posterior_wraps_a_hand_fitted_model(tmp_path):
     assert np.array_equal(back.predict(X[:5]), mdn.predict(X[:5]))
     with pytest.raises(TypeError, match="posterior must be a Posterior"):
         BayesianMDN.from_posterior((model, guide))
+    # Parameters that describe another network are refused before save could write them.
+    with pytest.raises(
+        ValueError, match=r"do not describe the posterior's model.*net\.hidden\.1\.bias missing"
+    ):
+        BayesianMDN.from_posterior(Posterior(model, guide), n_components=3, guide="delta")
+    with pytest.raises(ValueError, match="n_members=2, but the posterior holds 1"):
+        BayesianMDN.from_posterior(Posterior(model, guide), n_members=2)
+    with pytest.raises(ValueError, match="go with method='nuts'"):
+        BayesianMDN.from_posterior(Posterior(model, guide), method="nuts", hidden=(8,))
 
 
 @pytest.mark.parametrize(
@@ -171,3 +180,40 @@ def test_nuts_settings_are_grouped_and_saved(tmp_path):
 def test_bad_nuts_settings_fail_before_any_work(settings, error, message):
     with pytest.raises(error, match=message):
         BayesianMDN(**NUTS_TINY, method="nuts", **settings).fit(np.zeros((4, 1)), np.arange(4.0))
+
+
+def test_an_estimator_pickled_by_0_1_unpickles_fitted(fitted):
+    """0.1 pickled model_ and guide_ as attributes and had no nuts or backbone."""
+    mdn, X, _ = fitted
+    state = dict(mdn.__getstate__())
+    post = state.pop("posterior_")
+    state.update(model_=post.model, guide_=post.guide)
+    del state["nuts"], state["backbone"]
+    old = BayesianMDN.__new__(BayesianMDN)
+    old.__setstate__(state)
+    np.testing.assert_array_equal(old.predict(X[:5]), mdn.predict(X[:5]))
+    assert old.get_params()["nuts"] is None
+
+
+def test_diagnostics_take_any_object_with_a_model_and_a_guide(fitted):
+    mdn, X, y = fitted
+
+    class Fitted:
+        model_, guide_, num_draws = mdn.model_, mdn.guide_, 20
+
+    a = to_inference_data(Fitted(), X, y)
+    b = to_inference_data(mdn, X, y, num_draws=20)
+    assert np.array_equal(a.log_likelihood["y"].values, b.log_likelihood["y"].values)
+
+
+def test_nuts_defaults_agree_with_the_deprecated_flat_defaults():
+    import inspect
+
+    defaults = inspect.signature(BayesianMDN.__init__).parameters
+    config = NUTSConfig()
+    assert (config.num_chains, config.warmup_steps, config.num_samples) == (
+        defaults["num_chains"].default,
+        defaults["nuts_warmup"].default,
+        defaults["nuts_samples"].default,
+    )
+    assert config.max_tree_depth == defaults["max_tree_depth"].default
