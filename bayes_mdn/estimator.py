@@ -6,7 +6,7 @@ import functools
 import inspect
 import os
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
@@ -26,6 +26,7 @@ from ._validation import (
     check_seed,
     standardization,
 )
+from .ensemble import fit_members, n_workers
 from .fit import (
     JIT_DEPRECATED,
     FitConfig,
@@ -33,7 +34,6 @@ from .fit import (
     check_checkpoint_args,
     checkpoint_identity,
     fit_nuts,
-    fit_svi,
 )
 from .guides import EmpiricalGuide, EnsembleGuide
 from .mcmc import NUTSConfig
@@ -42,7 +42,6 @@ from .nets import MixtureParams
 from .posterior import Posterior
 from .sources import ArraySource, Source, as_source
 from .spec import ModelSpec, auto_components, backbone_class
-from .stacked import can_stack, fit_stacked
 from .streaming import StreamJob, fit_streamed, scan
 
 __all__ = ["BayesianMDN", "auto_components", "backbone_class"]
@@ -578,35 +577,19 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         build = functools.partial(spec.build, x.shape[1], yt.shape[1], n_components)
         # method="nuts" samples one model's latent weights: one SVI member is its start.
         n_members = 1 if self.method == "nuts" else self.n_members
-        seeds = [None if self.seed is None else self.seed + m for m in range(n_members)]
-        members = [build(stats, s) for s in seeds]
-        jobs = [
-            (seed, replace(config, seed=seed), _member_path(ck.path, m, n_members))
-            for m, seed in enumerate(seeds)
-        ]
-        n_jobs = min(_n_workers(self.n_jobs), n_members)
-        if n_members > 1 and can_stack([guide for _, guide in members]):
-            histories = fit_stacked(
-                [model for model, _ in members],
-                [guide for _, guide in members],
-                x,
-                yt,
-                config,
-                seeds,
-                checkpoint=ck.path,
-                checkpoint_every=ck.every,
-                resume=ck.resume,
-                identity=checkpoint_identity(self.get_params()),
-            )
-        elif n_jobs == 1:
-            histories = [
-                self._fit_member(x, yt, model, guide, config, replace(ck, path=path))
-                for (model, guide), (_, config, path) in zip(members, jobs)
-            ]
-        else:
-            histories = _fit_in_workers(self, build, x, yt, stats, members, jobs, ck, n_jobs)
-        models = [model for model, _ in members]
-        guides = [guide for _, guide in members]
+        models, guides, histories = fit_members(
+            build,
+            x,
+            yt,
+            stats,
+            config,
+            [None if self.seed is None else self.seed + m for m in range(n_members)],
+            n_jobs=n_workers(self.n_jobs),
+            checkpoint=ck.path,
+            checkpoint_every=ck.every,
+            resume=ck.resume,
+            identity=checkpoint_identity(self.get_params()),
+        )
         model = models[0]
         guide = guides[0] if n_members == 1 else EnsembleGuide(models, guides)
         if self.method == "nuts":
@@ -679,28 +662,6 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
             del self.feature_names_in_
         self.n_rows_ = plan.n_rows
         return self
-
-    def _fit_member(
-        self,
-        x: Tensor,
-        y: Tensor,
-        model: MixtureDensityModel,
-        guide: torch.nn.Module,
-        config: FitConfig,
-        ck: _Checkpointing,
-    ) -> FitHistory:
-        """Fit one member in place (model and guide hold its fitted state afterwards)."""
-        return fit_svi(
-            model,
-            guide,
-            x,
-            y,
-            config,
-            checkpoint=ck.path,
-            checkpoint_every=ck.every,
-            resume=ck.resume,
-            identity=checkpoint_identity(self.get_params()),
-        )
 
     def _checkpointing(
         self,
@@ -1103,74 +1064,3 @@ class _Checkpointing:
     path: str | None
     every: int
     resume: bool
-
-
-def _member_path(
-    checkpoint: str | os.PathLike[str] | None, member: int, n_members: int
-) -> str | None:
-    """The checkpoint file of ensemble member ``member``: the path itself for one member,
-    ``<path>.member<m>`` for several (each member's loop resumes on its own)."""
-    if checkpoint is None:
-        return None
-    path = os.fspath(checkpoint)
-    return path if n_members == 1 else f"{path}.member{member}"
-
-
-def _n_workers(n_jobs: int | None) -> int:
-    """Processes for ``n_jobs`` as scikit-learn reads it: None is 1, -1 every core."""
-    if n_jobs is None:
-        return 1
-    if n_jobs < 0:
-        return max(1, (os.cpu_count() or 1) + 1 + n_jobs)
-    return n_jobs
-
-
-def _fit_member_in_worker(
-    estimator: BayesianMDN,
-    build: Callable[..., tuple[MixtureDensityModel, torch.nn.Module]],
-    x: Tensor,
-    y: Tensor,
-    stats: tuple[Tensor, Tensor, Tensor, Tensor],
-    ck: _Checkpointing,
-    seed: int | None,
-    config: FitConfig,
-    checkpoint: str | None,
-) -> tuple[dict[str, Tensor], dict[str, Tensor], FitHistory]:
-    # The member is built here, as the parent builds its twin: an autoguide does not
-    # travel between processes (it keeps its model out of its pickled state).
-    model, guide = build(stats, seed)
-    history = estimator._fit_member(x, y, model, guide, config, replace(ck, path=checkpoint))
-    # Tensors travel back, not modules.
-    return dict(model.state_dict()), dict(guide.state_dict()), history
-
-
-def _fit_in_workers(
-    estimator: BayesianMDN,
-    build: Callable[..., tuple[MixtureDensityModel, torch.nn.Module]],
-    x: Tensor,
-    y: Tensor,
-    stats: tuple[Tensor, Tensor, Tensor, Tensor],
-    members: list[tuple[MixtureDensityModel, torch.nn.Module]],
-    jobs: list[tuple[int | None, FitConfig, str | None]],
-    ck: _Checkpointing,
-    n_jobs: int,
-) -> list[FitHistory]:
-    """Fit the members in ``n_jobs`` worker processes (joblib's loky backend), each member
-    built by ``build(stats, seed)`` and fitted exactly as :meth:`BayesianMDN._fit_member`
-    fits it in this process, then copy each fitted state into this process's twin of it
-    (``members``)."""
-    from joblib import Parallel, delayed
-
-    results = Parallel(n_jobs=n_jobs)(
-        delayed(_fit_member_in_worker)(estimator, build, x, y, stats, ck, *job) for job in jobs
-    )
-    histories = []
-    for (model, guide), (model_state, guide_state, history) in zip(members, results):
-        model.load_state_dict(model_state)
-        if guide_state:
-            # Autoguides create their parameters on the first call.
-            with pyro_scope(), torch.no_grad():
-                guide(x[:2], y[:2])
-            guide.load_state_dict(guide_state)
-        histories.append(history)
-    return histories
