@@ -183,6 +183,34 @@ def standardization(
     return x_loc, np.where(x_scale > 0, x_scale, 1.0), y_loc, y_scale
 
 
+def is_count(value: Any) -> bool:
+    """True for an int >= 1 (bools are not counts).
+
+    Examples
+    --------
+    >>> is_count(3), is_count(0), is_count(True), is_count(2.0)
+    (True, False, False, False)
+    """
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_count(name: str, value: Any) -> int:
+    """``value`` when it is an int >= 1, else a ``ValueError`` naming ``name``.
+
+    Examples
+    --------
+    >>> check_count("num_draws", 5)
+    5
+    >>> check_count("num_draws", 0)
+    Traceback (most recent call last):
+    ...
+    ValueError: num_draws must be an integer >= 1, got 0
+    """
+    if not is_count(value):
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
 def check_seed(seed: Any, name: str = "seed", also: str = "") -> int | None:
     """``seed`` as an int in [0, 2**63), or None; anything else raises naming ``name``.
 

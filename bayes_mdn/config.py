@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from ._utils import resolve_device
-from ._validation import check_seed
+from ._validation import check_count, check_seed
 
 __all__ = [
     "AUTO_PATIENCE_STEPS",
@@ -94,10 +94,8 @@ class FitConfig:
 
     def __post_init__(self) -> None:
         def positive_int(name: str, value: object, allow_none: bool = False) -> None:
-            if value is None and allow_none:
-                return
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            if not (value is None and allow_none):
+                check_count(name, value)
 
         if self.epochs != "auto":
             positive_int("epochs", self.epochs)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from . import scores
 from ._files import atomic_path, write_json
 from ._utils import pyro_scope, seeded
-from ._validation import as_2d_float
+from ._validation import as_2d_float, check_count
 from .guides import EmpiricalGuide, EnsembleGuide, is_deterministic
 from .model import MixtureDensityModel
 from .posterior import Posterior
@@ -319,8 +319,7 @@ def _tensors(model: MixtureDensityModel, X: Any, y: Any) -> tuple[Tensor, Tensor
 
 
 def _check_draws(num_draws: int) -> None:
-    if not isinstance(num_draws, int) or isinstance(num_draws, bool) or num_draws < 1:
-        raise ValueError(f"num_draws must be an integer >= 1, got {num_draws!r}")
+    check_count("num_draws", num_draws)
 
 
 def has_posterior(guide: nn.Module) -> bool:

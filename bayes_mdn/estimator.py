@@ -7,7 +7,7 @@ import inspect
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -21,6 +21,7 @@ from ._utils import pyro_scope, resolve_device
 from ._validation import (
     as_2d_float,
     as_levels,
+    check_count,
     check_dtype_range,
     check_dtype_resolution,
     check_seed,
@@ -343,41 +344,13 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         Raises ``ValueError`` or ``TypeError`` naming the first bad parameter. ``fit``
         builds every member from it (:meth:`ModelSpec.build`).
         """
-        return ModelSpec(
-            n_components=self.n_components,
-            hidden=self.hidden,
-            activation=self.activation,
-            bayesian=self.bayesian,
-            guide=self.guide,
-            covariance=self.covariance,
-            prior_scale=self.prior_scale,
-            min_scale=self.min_scale,
-            prior_function=self.prior_function,
-            init_scale=self.init_scale,
-            rank=self.rank,
-            dtype=self.dtype,
-            backbone=self.backbone,
-        )
+        # Every field of the spec is the estimator parameter of the same name.
+        return ModelSpec(**{f.name: getattr(self, f.name) for f in fields(ModelSpec)})
 
     def fit_config(self) -> FitConfig:
         """The SVI loop these parameters describe, checked (see :class:`FitConfig`)."""
-        return FitConfig(
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            lr_schedule=self.lr_schedule,
-            clip_norm=self.clip_norm,
-            num_particles=self.num_particles,
-            val_fraction=self.val_fraction,
-            patience=self.patience,
-            val_draws=self.val_draws,
-            input_noise=self.input_noise,
-            jit=self.jit,
-            seed=self.seed,
-            device=self.device,
-            progress=self.progress,
-            num_threads=self.num_threads,
-        )
+        # Every field of the config is the estimator parameter of the same name.
+        return FitConfig(**{f.name: getattr(self, f.name) for f in fields(FitConfig)})
 
     def check_params(self) -> tuple[ModelSpec, FitConfig]:
         """Check every parameter, as ``fit`` does before it reads any data.
@@ -393,24 +366,13 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
             Naming the first bad parameter, the values it takes and the value it got.
         """
         spec = self.model_spec()
-        if (
-            not isinstance(self.n_members, int)
-            or isinstance(self.n_members, bool)
-            or self.n_members < 1
-        ):
-            raise ValueError(f"n_members must be an integer >= 1, got {self.n_members!r}")
+        check_count("n_members", self.n_members)
         if self.n_jobs is not None and (
             not isinstance(self.n_jobs, int) or isinstance(self.n_jobs, bool) or self.n_jobs == 0
         ):
             raise ValueError(f"n_jobs must be None or a non-zero integer, got {self.n_jobs!r}")
-        if not isinstance(self.devices, int) or isinstance(self.devices, bool) or self.devices < 1:
-            raise ValueError(f"devices must be an integer >= 1, got {self.devices!r}")
-        if (
-            not isinstance(self.num_draws, int)
-            or isinstance(self.num_draws, bool)
-            or self.num_draws < 1
-        ):
-            raise ValueError(f"num_draws must be an integer >= 1, got {self.num_draws!r}")
+        check_count("devices", self.devices)
+        check_count("num_draws", self.num_draws)
         check_checkpoint_args(self.checkpoint, self.checkpoint_every, self.resume)
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
@@ -448,15 +410,7 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
                 f"nuts must be a NUTSConfig, a dict of its settings or None, got "
                 f"{type(nuts).__name__}"
             )
-        flat = {
-            "num_chains": ("num_chains", self.num_chains),
-            "nuts_warmup": ("warmup_steps", self.nuts_warmup),
-            "nuts_samples": ("num_samples", self.nuts_samples),
-            "max_tree_depth": ("max_tree_depth", self.max_tree_depth),
-        }
-        # The flat arguments' defaults are NUTSConfig's.
-        defaults = asdict(NUTSConfig())
-        changed = {old: (new, v) for old, (new, v) in flat.items() if v != defaults[new]}
+        changed = self._deprecated_set(_FLAT_NUTS)
         if not changed:
             return config
         if nuts is not None:
@@ -465,15 +419,15 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
                 "give them once, in nuts="
             )
         if warn:
-            warnings.warn(
-                f"BayesianMDN({', '.join(f'{n}=...' for n in changed)}) is deprecated and will "
-                "be removed in bayes_mdn 0.3: pass nuts=NUTSConfig("
-                + ", ".join(f"{new}=..." for new, _ in changed.values())
-                + ") instead",
-                FutureWarning,
-                stacklevel=3,
-            )
-        return replace(config, **dict(changed.values()))
+            new = _ellipsis([_FLAT_NUTS[name] for name in changed])
+            _warn_deprecated(changed, f"pass nuts=NUTSConfig({new})")
+        return replace(config, **{_FLAT_NUTS[name]: getattr(self, name) for name in changed})
+
+    def _deprecated_set(self, names: Sequence[str]) -> list[str]:
+        """The deprecated constructor arguments among ``names`` set to other than their
+        defaults."""
+        defaults = inspect.signature(BayesianMDN.__init__).parameters
+        return [name for name in names if getattr(self, name) != defaults[name].default]
 
     # -- fitting ---------------------------------------------------------------------
     def fit(
@@ -671,20 +625,9 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
     ) -> _Checkpointing:
         """The checkpoint settings of one ``fit`` call: its own arguments, else the
         deprecated constructor arguments of the same names (with a FutureWarning)."""
-        defaults = inspect.signature(BayesianMDN.__init__).parameters
-        set_old = [
-            name
-            for name in ("checkpoint", "checkpoint_every", "resume")
-            if getattr(self, name) != defaults[name].default
-        ]
+        set_old = self._deprecated_set(("checkpoint", "checkpoint_every", "resume"))
         if set_old:
-            warnings.warn(
-                f"BayesianMDN({', '.join(f'{n}=...' for n in set_old)}) is deprecated and "
-                "will be removed in bayes_mdn 0.3: pass it to fit(X, y, "
-                f"{', '.join(f'{n}=...' for n in set_old)}) instead",
-                FutureWarning,
-                stacklevel=3,
-            )
+            _warn_deprecated(set_old, f"pass it to fit(X, y, {_ellipsis(set_old)})")
         path = self.checkpoint if checkpoint is None else checkpoint
         every = self.checkpoint_every if checkpoint_every is None else checkpoint_every
         resume = self.resume if resume is None else resume
@@ -1055,6 +998,30 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         from .diagnostics import to_inference_data
 
         return to_inference_data(self, X, y, num_draws=num_draws)
+
+
+#: The deprecated flat NUTS arguments and the NUTSConfig fields that replace them.
+_FLAT_NUTS = {
+    "num_chains": "num_chains",
+    "nuts_warmup": "warmup_steps",
+    "nuts_samples": "num_samples",
+    "max_tree_depth": "max_tree_depth",
+}
+
+
+def _ellipsis(names: Sequence[str]) -> str:
+    return ", ".join(f"{name}=..." for name in names)
+
+
+def _warn_deprecated(names: Sequence[str], instead: str) -> None:
+    """The FutureWarning of deprecated constructor arguments, shown at the line that called
+    ``fit`` (the caller of the method that calls this)."""
+    warnings.warn(
+        f"BayesianMDN({_ellipsis(names)}) is deprecated and will be removed in bayes_mdn 0.3: "
+        f"{instead} instead",
+        FutureWarning,
+        stacklevel=4,
+    )
 
 
 @dataclass(frozen=True)

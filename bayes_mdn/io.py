@@ -17,13 +17,14 @@ import torch
 
 from ._archive import ModelFileError, TensorSpec, read_archive
 from ._utils import pyro_scope, resolve_device, seeded
+from ._validation import is_count
 from .config import FitHistory
 from .estimator import MODEL_FILE_KIND, MODEL_FORMAT_VERSION, BayesianMDN
 from .guides import EmpiricalGuide, EnsembleGuide
 from .mcmc import NUTSConfig
 from .model import MixtureDensityModel
 from .posterior import Posterior
-from .spec import ModelSpec, backbone_class
+from .spec import ModelSpec, backbone_class, state_differences
 
 __all__ = ["FORMAT_VERSION", "ModelFileError", "load", "save"]
 
@@ -195,7 +196,7 @@ def _settings(
             f"n_components is {declared!r}, but the model was fitted with n_components_ = {k!r}"
         )
     for name, value in (("n_features_in_", d_x), ("n_outputs_", d_y), ("n_components_", k)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not is_count(value):
             raise ModelFileError(f"the header's {name} must be an integer >= 1, got {value!r}")
     return params, spec, nuts, d_x, d_y, k
 
@@ -264,20 +265,17 @@ def _check_declared(header: dict[str, Any], backbone: torch.nn.Module | None = N
     model, guide = _build(spec, _n_members(params), d_x, d_y, k, torch.device("meta"), nuts)
     problems = []
     for section, module in (("model", model), ("guide", guide)):
-        expected = {k: (v.dtype, tuple(v.shape)) for k, v in module.state_dict().items()}
-        found = {k: (v.dtype, v.shape) for k, v in stored[section].items()}
-        missing = sorted(expected.keys() - found.keys())
-        extra = sorted(found.keys() - expected.keys())
+        expected, found = module.state_dict(), stored[section]
+        missing, extra, wrong = state_differences(expected, found)
         if missing:
             problems.append(f"{section} tensors missing from the file: {missing[:5]}")
         if extra:
             problems.append(f"{section} tensors the described network lacks: {extra[:5]}")
-        wrong = [k for k in expected.keys() & found.keys() if expected[k] != found[k]]
-        for k in sorted(wrong)[:5]:
-            (e_dtype, e_shape), (f_dtype, f_shape) = expected[k], found[k]
+        for k in wrong[:5]:
+            need, have = expected[k], found[k]
             problems.append(
-                f"{section} tensor {k!r}: the header's settings need {e_dtype} {e_shape}, "
-                f"the file stores {f_dtype} {f_shape}"
+                f"{section} tensor {k!r}: the header's settings need {need.dtype} "
+                f"{tuple(need.shape)}, the file stores {have.dtype} {have.shape}"
             )
     if problems:
         raise ModelFileError(

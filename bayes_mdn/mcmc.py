@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ._utils import pyro_scope, seeded
+from ._validation import check_count
 from .model import MixtureDensityModel
 
 __all__ = ["NUTSConfig", "fit_nuts"]
@@ -51,9 +52,7 @@ class NUTSConfig:
 
     def __post_init__(self) -> None:
         for name in ("num_chains", "warmup_steps", "num_samples", "max_tree_depth"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            check_count(name, getattr(self, name))
 
 
 def fit_nuts(
@@ -114,8 +113,7 @@ def fit_nuts(
         ("num_chains", num_chains),
         ("max_tree_depth", max_tree_depth),
     ):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        check_count(name, value)
     if x.dim() != 2 or y.dim() != 2 or len(x) != len(y):
         raise ValueError(
             f"x and y must be (n, d_x) and (n, d_y) with the same n, got "

@@ -28,7 +28,7 @@ from pyro.infer import Predictive
 from torch import Tensor, nn
 
 from ._utils import pyro_scope, seeded
-from ._validation import check_seed
+from ._validation import check_count, check_seed
 from .distributions import GaussianMixture, MixtureParams
 from .guides import EnsembleGuide, draw_latents, is_deterministic
 from .model import DEFAULT_MAX_ELEMENTS, OBS_SITE, MixtureDensityModel
@@ -38,12 +38,6 @@ __all__ = ["SAMPLERS", "Posterior"]
 #: How :meth:`Posterior.sample` draws y: through ``pyro.infer.Predictive``, or by calling
 #: the model's sampler directly.
 SAMPLERS = ("predictive", "direct")
-
-
-def _check_count(name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
 
 
 def _chunks(n: int, per_point: int, max_elements: int) -> Iterator[slice]:
@@ -110,8 +104,8 @@ class Posterior:
             raise TypeError(f"guide must be a torch.nn.Module, got {type(guide).__name__}")
         self.model = model
         self.guide = guide
-        self.num_draws = _check_count("num_draws", num_draws)
-        self.max_elements = _check_count("max_elements", max_elements)
+        self.num_draws = check_count("num_draws", num_draws)
+        self.max_elements = check_count("max_elements", max_elements)
 
     def __repr__(self) -> str:
         net = self.model.net
@@ -128,7 +122,7 @@ class Posterior:
 
     def effective_draws(self, num_draws: int | None = None) -> int:
         """The draws a prediction asked for ``num_draws`` (default: the posterior's) makes."""
-        draws = self.num_draws if num_draws is None else _check_count("num_draws", num_draws)
+        draws = self.num_draws if num_draws is None else check_count("num_draws", num_draws)
         if isinstance(self.guide, EnsembleGuide):
             return self.guide.effective_draws(draws)
         return 1 if is_deterministic(self.guide) else draws
@@ -256,7 +250,7 @@ class Posterior:
             numbers for a seed (Predictive first runs the model twice to learn its
             shapes, which draws random numbers).
         """
-        _check_count("num_samples", num_samples)
+        check_count("num_samples", num_samples)
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         seed = check_seed(seed)

@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from ._utils import seeded
+from ._validation import is_count
 from .guides import GUIDES, make_guide
 from .model import BAYESIAN_LAYERS, MixtureDensityModel
 from .nets import ACTIVATIONS, COVARIANCES, MixtureDensityNetwork
 
-__all__ = ["DTYPES", "ModelSpec", "auto_components", "backbone_class"]
+__all__ = ["DTYPES", "ModelSpec", "auto_components", "backbone_class", "state_differences"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -43,10 +44,6 @@ def backbone_class(backbone: nn.Module) -> str:
     """The qualified class name a saved model records for its backbone."""
     kind = type(backbone)
     return f"{kind.__module__}.{kind.__qualname__}"
-
-
-def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 @dataclass(frozen=True, eq=False)
@@ -108,11 +105,11 @@ class ModelSpec:
         ):
             if value not in options:
                 raise ValueError(f"{name} must be one of {options}, got {value!r}")
-        if self.n_components != "auto" and not _is_count(self.n_components):
+        if self.n_components != "auto" and not is_count(self.n_components):
             raise ValueError(
                 f"n_components must be 'auto' or an integer >= 1, got {self.n_components!r}"
             )
-        if isinstance(self.hidden, (str, bytes)) or not all(_is_count(h) for h in self.hidden):
+        if isinstance(self.hidden, (str, bytes)) or not all(is_count(h) for h in self.hidden):
             raise ValueError(f"hidden must be a sequence of integers >= 1, got {self.hidden!r}")
         for name in ("prior_scale", "min_scale", "init_scale"):
             value = getattr(self, name)
@@ -207,19 +204,42 @@ class ModelSpec:
                 torch.ones(net.d_y, dtype=dtype),
             )
             described, _ = self.build(net.d_x, net.d_y, net.n_components, stats, None)
-        want, have = _shapes(described), _shapes(model)
-        problems = [f"{k} missing" for k in sorted(want.keys() - have.keys())]
-        problems += [f"{k} not described" for k in sorted(have.keys() - want.keys())]
-        problems += [
-            f"{k}: described {want[k][0]} {want[k][1]}, the model has {have[k][0]} {have[k][1]}"
-            for k in sorted(want.keys() & have.keys())
-            if want[k] != have[k]
-        ]
-        return problems
+        want, have = described.state_dict(), model.state_dict()
+        missing, extra, differ = state_differences(want, have)
+        return (
+            [f"{k} missing" for k in missing]
+            + [f"{k} not described" for k in extra]
+            + [
+                f"{k}: described {want[k].dtype} {tuple(want[k].shape)}, the model has "
+                f"{have[k].dtype} {tuple(have[k].shape)}"
+                for k in differ
+            ]
+        )
 
 
-def _shapes(module: nn.Module) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    return {k: (v.dtype, tuple(v.shape)) for k, v in module.state_dict().items()}
+def state_differences(
+    expected: Mapping[str, Any], found: Mapping[str, Any]
+) -> tuple[list[str], list[str], list[str]]:
+    """Names only in ``expected``, names only in ``found``, and names in both whose dtype or
+    shape differ, each sorted. Values are tensors, or anything with ``dtype`` and
+    ``shape`` (the tensor descriptions of a file's header).
+
+    Examples
+    --------
+    >>> state_differences({"a": torch.zeros(2), "b": torch.zeros(1)},
+    ...                   {"a": torch.zeros(3), "c": torch.zeros(1)})
+    (['b'], ['c'], ['a'])
+    """
+
+    def described(t: Any) -> tuple[Any, tuple[int, ...]]:
+        return t.dtype, tuple(t.shape)
+
+    missing = sorted(expected.keys() - found.keys())
+    extra = sorted(found.keys() - expected.keys())
+    differ = sorted(
+        k for k in expected.keys() & found.keys() if described(expected[k]) != described(found[k])
+    )
+    return missing, extra, differ
 
 
 def _backbone_width(

@@ -53,6 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from ._utils import pyro_scope, resolve_device, seeded
+from ._validation import check_count
 from .checkpoint import _plain, _read_checkpoint, check_checkpoint_args
 from .config import AUTO_PATIENCE_STEPS, AUTO_STEPS, FitConfig, FitHistory
 from .fit import _adam, _cpu_threads, _make_scheduler, _progress
@@ -577,8 +578,7 @@ def fit_streamed(
     ``val_epochs`` are round indices.
     """
     check_checkpoint_args(job.checkpoint, job.checkpoint_every, job.resume)
-    if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
-        raise ValueError(f"devices must be an integer >= 1, got {devices!r}")
+    check_count("devices", devices)
     device = resolve_device(job.config.device)
     if devices == 1:
         result = _run(None, job)
