@@ -42,10 +42,22 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     if weight.dim() == 3 and x.dim() in (2, 3):
         # One fused batched product with the bias: matmul's broadcasting copies x per
         # draw and adds the bias in a second pass (about 1.8x slower at 1,000 draws).
-        batch = torch.broadcast_shapes(x.shape[:-2], weight.shape[:1])
-        x = x.expand(*batch, *x.shape[-2:])
-        weight = weight.expand(*batch, *weight.shape[-2:])
-        bias = bias.expand(*batch, bias.shape[-1])
+        # The batch size is worked out by hand: torch.broadcast_shapes costs more
+        # Python time than a training step's whole first layer.
+        batch = weight.shape[0]
+        if x.dim() == 3 and x.shape[0] != batch:
+            if 1 not in (batch, x.shape[0]):
+                raise RuntimeError(
+                    f"{x.shape[0]} batches of inputs do not broadcast with {batch} of weights"
+                )
+            batch = max(batch, x.shape[0])
+        x = x.expand(batch, *x.shape[-2:])
+        weight = weight.expand(batch, *weight.shape[-2:])
+        bias = bias.expand(batch, bias.shape[-1])
+        if weight.shape[-1] == 1:
+            # One input feature: an outer product, which batched GEMM runs through a
+            # slow degenerate path (several times slower than this broadcast).
+            return torch.addcmul(bias.unsqueeze(-2), x, weight.mT)
         return torch.baddbmm(bias.unsqueeze(-2), x, weight.mT)
     return torch.matmul(x, weight.mT) + bias.unsqueeze(-2)
 

@@ -128,20 +128,44 @@ def test_sample_without_weights_or_rows():
     assert net.sample(torch.zeros(0, 2), num_draws=5).shape == (5, 0, 2)
 
 
+@pytest.mark.parametrize("d_in", [3, 1])
 @pytest.mark.parametrize(
-    ("x_shape", "w_batch"), [((7, 3), 4), ((4, 7, 3), 4), ((1, 7, 3), 4), ((4, 7, 3), 1)]
+    ("x_shape", "w_batch"), [((7,), 4), ((4, 7), 4), ((1, 7), 4), ((4, 7), 1)]
 )
-def test_batched_linear_matches_per_draw_linear(x_shape, w_batch):
+def test_batched_linear_matches_per_draw_linear(x_shape, w_batch, d_in):
+    """Every broadcast of inputs against weights, by batched GEMM and, for one input
+    feature, by the outer-product path."""
     from bayes_mdn.nets import _linear
 
-    x = torch.randn(x_shape)
-    weight, bias = torch.randn(w_batch, 5, 3), torch.randn(w_batch, 5)
+    x = torch.randn(*x_shape, d_in)
+    weight, bias = torch.randn(w_batch, 5, d_in), torch.randn(w_batch, 5)
     out = _linear(x, weight, bias)
     assert out.shape == (4, 7, 5)
     for i in range(4):
         xi = x if x.dim() == 2 else x[i % len(x)]
         j = i % w_batch
         torch.testing.assert_close(out[i], torch.nn.functional.linear(xi, weight[j], bias[j]))
+
+
+def test_batched_linear_refuses_batches_that_do_not_broadcast():
+    from bayes_mdn.nets import _linear
+
+    with pytest.raises(RuntimeError, match="3 batches of inputs do not broadcast with 4"):
+        _linear(torch.randn(3, 7, 2), torch.randn(4, 5, 2), torch.randn(4, 5))
+
+
+def test_one_feature_linear_has_the_gradients_of_batched_gemm():
+    from bayes_mdn.nets import _linear
+
+    x = torch.randn(4, 7, 1, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 5, 1, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    out = _linear(x, weight, bias)
+    ref = torch.baddbmm(bias.unsqueeze(-2), x, weight.mT)
+    grads = torch.autograd.grad(out.square().sum(), (x, weight, bias))
+    expected = torch.autograd.grad(ref.square().sum(), (x, weight, bias))
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e)
 
 
 @pytest.mark.parametrize("hidden", [(), (8, 4)])
