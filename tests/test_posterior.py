@@ -172,6 +172,9 @@ def test_nuts_settings_are_grouped_and_saved(tmp_path):
     [
         (dict(nuts=dict(chains=2)), ValueError, r"nuts has unknown settings \['chains'\]"),
         (dict(nuts=dict(num_samples=0)), ValueError, "num_samples must be an integer >= 1"),
+        # Fewer than 4 draws used to sample every chain, then fail in Pyro's diagnostics.
+        (dict(nuts=dict(num_samples=3)), ValueError, "num_samples must be at least 4"),
+        (dict(nuts_samples=2), ValueError, "num_samples must be at least 4"),
         (dict(nuts=3), TypeError, "nuts must be a NUTSConfig"),
         (dict(nuts=dict(num_chains=1), nuts_samples=5), ValueError, "given twice"),
         (dict(max_tree_depth=0), ValueError, "max_tree_depth must be an integer >= 1"),
@@ -180,6 +183,17 @@ def test_nuts_settings_are_grouped_and_saved(tmp_path):
 def test_bad_nuts_settings_fail_before_any_work(settings, error, message):
     with pytest.raises(error, match=message):
         BayesianMDN(**NUTS_TINY, method="nuts", **settings).fit(np.zeros((4, 1)), np.arange(4.0))
+
+
+def test_fit_nuts_refuses_fewer_than_four_draws_before_sampling(fitted):
+    from bayes_mdn.mcmc import fit_nuts
+
+    mdn, X, y = fitted
+    x, t = torch.as_tensor(X[:20], dtype=torch.float32), torch.as_tensor(y[:20]).float()
+    with pytest.raises(ValueError, match="num_samples must be at least 4 draws per chain"):
+        fit_nuts(mdn.model_, x, t.reshape(-1, 1), num_samples=3, warmup_steps=1)
+    with pytest.raises(ValueError, match="at least 4"):
+        NUTSConfig(num_samples=1)
 
 
 def test_an_estimator_pickled_by_0_1_unpickles_fitted(fitted):
