@@ -223,7 +223,11 @@ class ParquetSource(Source):
         for file in self._dataset.files:
             reader = pq.ParquetFile(file, pre_buffer=False, buffer_size=1 << 20)
             try:
-                yield from reader.iter_batches(batch_size=self.read_rows, columns=cols)
+                # Decoded in this thread: Arrow's thread pool would compete with the
+                # training for the cores, and threads make a forked worker unsafe.
+                yield from reader.iter_batches(
+                    batch_size=self.read_rows, columns=cols, use_threads=False
+                )
             finally:
                 reader.close()
 

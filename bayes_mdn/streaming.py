@@ -17,7 +17,8 @@ data is a function of (seed, window), never of the number of processes:
 Memory is a window, the held-out rows and the model: flat in the number of rows.
 
 **Data-parallel training.** With ``devices=W`` Lightning Fabric starts W processes
-(``strategy="ddp_spawn"``: gloo on the CPU, NCCL on GPUs) and wraps the stacked loss in
+(gloo on the CPU, forked on Linux with one thread a process; NCCL on GPUs, spawned: see
+:func:`_strategy`) and wraps the stacked loss in
 ``DistributedDataParallel``. Every process reads the stream and keeps its slice of each
 global batch: rows ``[r * b, (r + 1) * b)`` with ``b = batch_size / W``. Process r's loss
 is ``-(n_train / b) * sum_{i in slice r} log p(y_i | x_i, w) - log p(w) + log q(w)``, and
@@ -565,6 +566,31 @@ def _close_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
+def _strategy(device: torch.device, num_threads: int | None) -> str:
+    """Fabric's launcher: ``"ddp_fork"`` for one-thread CPU workers on Linux, else
+    ``"ddp_spawn"``.
+
+    A spawned worker starts a fresh interpreter and imports torch, Pyro and this package
+    again: about 9 s on a 2-core machine (docs/notes.md), more than the training of many
+    fits. A forked worker starts from a copy of this process in well under a second. Fork
+    is safe only where nothing in the copy is broken by it: not after CUDA is initialised
+    (hence spawn on GPUs), not on macOS (its system libraries are not fork-safe), and not
+    where the workers run multi-threaded torch operations (GNU OpenMP's thread pool does
+    not survive a fork), hence only with ``num_threads=1``, the default.
+    """
+    import multiprocessing
+    import sys
+
+    if (
+        device.type == "cpu"
+        and num_threads == 1
+        and sys.platform.startswith("linux")
+        and "fork" in multiprocessing.get_all_start_methods()
+    ):
+        return "ddp_fork"
+    return "ddp_spawn"
+
+
 def fit_streamed(
     job: StreamJob, devices: int = 1
 ) -> tuple[list[MixtureDensityModel], list[nn.Module], list[FitHistory]]:
@@ -596,7 +622,7 @@ def fit_streamed(
         fabric = Fabric(
             accelerator="cuda" if device.type == "cuda" else "cpu",
             devices=devices,
-            strategy="ddp_spawn",
+            strategy=_strategy(device, job.config.num_threads),
         )
         # Each worker puts the loop on fabric.device: its own GPU, or the CPU.
         with tempfile.TemporaryDirectory(prefix="bayes_mdn_ddp_") as tmp:

@@ -8,10 +8,10 @@ chunks, never held whole; deleted afterwards), then, each in a fresh Python proc
 peak memory is the fit's own:
 
 * **throughput**: ``BayesianMDN(devices=d, batch_size=b, epochs=1).fit(ParquetSource(...))``
-  for d = 1 and 2 and each batch size: the whole call (scan, spawn, training, validation),
+  for d = 1 and 2 and each batch size: the whole call (scan, process start, training, validation),
   rows trained per second (steps times the global batch, over the call's wall time) and the
   peak resident memory of each process (``ru_maxrss``: the fitting process and, with d = 2,
-  the largest spawned worker);
+  the largest worker);
 * **quality**: at the first size, the default fit (``BayesianMDN()``) from the Parquet file
   against the default in-memory fit of the same rows: test NLL on 20,000 fresh rows (exact
   optimum about 1.29 nats).
@@ -150,7 +150,7 @@ def report(result: dict) -> str:
         "the training loop is rank 0's time from building the members to the end of "
         "training (no scan, no process start), and its speed-up compares those times. "
         "Peak memory is `ru_maxrss` when `fit` returns (before the test predictions), of the "
-        "fitting process and, for 2 processes, of the largest spawned worker; importing "
+        "fitting process and, for 2 processes, of the largest worker; importing "
         f"bayes_mdn and its dependencies alone takes about {result['throughput'][0]['import_mb']:.0f} "
         "MB.",
         "",
@@ -195,15 +195,15 @@ def report(result: dict) -> str:
     smallest = min(e["rows"] for e in result["throughput"])
     for batch in sorted({e["batch"] for e in result["throughput"]}):
         at = {(e["rows"], e["devices"]): e for e in result["throughput"] if e["batch"] == batch}
-        start_cost = at[(smallest, 2)]["seconds"] - at[(smallest, 1)]["seconds"]
         sizes = sorted({n for n, _ in at if n >= 1e6})
         per_row = [1e6 / at[(n, 1)]["rows_per_second"] for n in sizes]
         lines.append(
             f"- Batch {batch}: at {largest:,} rows two processes train "
             f"{at[(largest, 2)]['rows_per_second'] / at[(largest, 1)]['rows_per_second']:.2f}x "
             f"the rows per second of one{_loop_ratio(at[(largest, 1)], at[(largest, 2)])}; "
-            f"starting them costs about {start_cost:.0f} s more "
-            f"than one process (the {smallest:,}-row difference). One process: "
+            f"at {smallest:,} rows, where training is short, the whole call took "
+            f"{at[(smallest, 2)]['seconds']:.1f} s with two processes and "
+            f"{at[(smallest, 1)]['seconds']:.1f} s with one. One process: "
             + ", ".join(f"{t:.1f}" for t in per_row)
             + f" s per million rows trained at {', '.join(f'{n:,}' for n in sizes)} rows."
         )

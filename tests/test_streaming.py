@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from bayes_mdn import BayesianMDN, LoaderSource, ParquetSource
+from bayes_mdn import BayesianMDN, LoaderSource, ParquetSource, streaming
 from bayes_mdn.datasets import make_inverse_sine
 from bayes_mdn.sources import ArraySource, RunningMoments
 from bayes_mdn.streaming import scan
@@ -132,6 +132,29 @@ def test_two_processes_give_the_parameters_of_one_fed_the_same_global_batches(ro
     assert _max_diff(_params(one), _params(two)) < 1e-10
     assert one.n_steps_ == two.n_steps_
     np.testing.assert_allclose(one.history_.val_nll, two.history_.val_nll, rtol=1e-10)
+
+
+@pytest.mark.slow
+def test_spawned_workers_give_the_parameters_of_forked_ones(rows, monkeypatch):
+    # Forked workers are the default on Linux CPUs; spawned ones (GPUs, other systems,
+    # several threads a process) start fresh interpreters and must train the same model.
+    X, y = rows
+    source = ArraySource(X, y[:, None], y_1d=True)
+    forked = BayesianMDN(devices=2, **SMALL).fit(source)
+    monkeypatch.setattr(streaming, "_strategy", lambda device, num_threads: "ddp_spawn")
+    spawned = BayesianMDN(devices=2, **SMALL).fit(source)
+    assert _max_diff(_params(forked), _params(spawned)) == 0
+
+
+def test_workers_are_forked_only_where_that_is_safe(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr("sys.platform", "linux")
+    assert streaming._strategy(cpu, 1) == "ddp_fork"
+    assert streaming._strategy(cpu, 2) == "ddp_spawn"
+    assert streaming._strategy(cpu, None) == "ddp_spawn"
+    assert streaming._strategy(torch.device("cuda", 0), 1) == "ddp_spawn"
+    monkeypatch.setattr("sys.platform", "darwin")
+    assert streaming._strategy(cpu, 1) == "ddp_spawn"
 
 
 @pytest.mark.slow
