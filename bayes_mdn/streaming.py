@@ -576,7 +576,11 @@ def _strategy(device: torch.device, num_threads: int | None) -> str:
     is safe only where nothing in the copy is broken by it: not after CUDA is initialised
     (hence spawn on GPUs), not on macOS (its system libraries are not fork-safe), and not
     where the workers run multi-threaded torch operations (GNU OpenMP's thread pool does
-    not survive a fork), hence only with ``num_threads=1``, the default.
+    not survive a fork), hence only with ``num_threads=1``, the default. Python 3.12 and
+    later warn (``DeprecationWarning``, hidden by default) when a process with other
+    threads forks; here those are allocator and thread-pool threads of the libraries,
+    whose state the workers do not use (a one-thread worker runs no OpenMP region, and
+    Parquet is decoded without Arrow's pool).
     """
     import multiprocessing
     import sys
