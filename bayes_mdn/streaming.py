@@ -573,8 +573,9 @@ def _strategy(device: torch.device, num_threads: int | None) -> str:
     A spawned worker starts a fresh interpreter and imports torch, Pyro and this package
     again: about 9 s on a 2-core machine (docs/notes.md), more than the training of many
     fits. A forked worker starts from a copy of this process in well under a second. Fork
-    is safe only where nothing in the copy is broken by it: not after CUDA is initialised
-    (hence spawn on GPUs), not on macOS (its system libraries are not fork-safe), and not
+    is safe only where nothing in the copy is broken by it: not on GPUs, nor once CUDA is
+    initialised in this process even for a CPU fit (CUDA does not survive a fork), not on
+    macOS (its system libraries are not fork-safe), and not
     where the workers run multi-threaded torch operations (GNU OpenMP's thread pool does
     not survive a fork), hence only with ``num_threads=1``, the default. Python 3.12 and
     later warn (``DeprecationWarning``, hidden by default) when a process with other
@@ -587,6 +588,7 @@ def _strategy(device: torch.device, num_threads: int | None) -> str:
 
     if (
         device.type == "cpu"
+        and not torch.cuda.is_initialized()
         and num_threads == 1
         and sys.platform.startswith("linux")
         and "fork" in multiprocessing.get_all_start_methods()

@@ -153,6 +153,9 @@ def test_workers_are_forked_only_where_that_is_safe(monkeypatch):
     assert streaming._strategy(cpu, 2) == "ddp_spawn"
     assert streaming._strategy(cpu, None) == "ddp_spawn"
     assert streaming._strategy(torch.device("cuda", 0), 1) == "ddp_spawn"
+    monkeypatch.setattr("torch.cuda.is_initialized", lambda: True)
+    assert streaming._strategy(cpu, 1) == "ddp_spawn"
+    monkeypatch.setattr("torch.cuda.is_initialized", lambda: False)
     monkeypatch.setattr("sys.platform", "darwin")
     assert streaming._strategy(cpu, 1) == "ddp_spawn"
 
