@@ -1,7 +1,7 @@
 """Streamed fits from Parquet: rows per second and peak memory, one process against two.
 
 ``python -m benchmarks.streaming [--rows 100000 1000000 10000000] [--batch 500 4096 16384]
-[--out docs/streaming]``
+[--repeats 3] [--out docs/streaming]``
 
 Writes inverse-sine rows (x, y) to a Parquet file per size in a temporary folder (written in
 chunks, never held whole; deleted afterwards), then, each in a fresh Python process so that
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -110,8 +111,11 @@ def _measure(file: Path, options: dict, in_memory: bool = False) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run(rows: list[int], batches: list[int]) -> dict:
-    result: dict = {**machine(), "throughput": [], "quality": None}
+def run(rows: list[int], batches: list[int], repeats: int = 1) -> dict:
+    """Every (rows, batch) cell ``repeats`` times, one and two processes each round, in
+    alternating order (1 then 2, then 2 then 1) so that a drift in the machine's load
+    does not favour either."""
+    result: dict = {**machine(), "repeats": repeats, "throughput": [], "quality": None}
     with tempfile.TemporaryDirectory() as tmp:
         for i, n in enumerate(rows):
             file = Path(tmp) / f"rows{n}.parquet"
@@ -126,31 +130,77 @@ def run(rows: list[int], batches: list[int]) -> dict:
                 }
                 print(result["quality"], flush=True)
             for batch in batches:
-                for devices in (1, 2):
-                    options = {"devices": devices, "batch_size": batch, "epochs": 1}
-                    entry = {"rows": n, "batch": batch, "devices": devices}
-                    entry |= _measure(file, options)
-                    result["throughput"].append(entry)
-                    print(entry, flush=True)
+                for r in range(repeats):
+                    for devices in (1, 2) if r % 2 == 0 else (2, 1):
+                        options = {"devices": devices, "batch_size": batch, "epochs": 1}
+                        entry = {"rows": n, "batch": batch, "devices": devices, "round": r}
+                        entry |= _measure(file, options)
+                        result["throughput"].append(entry)
+                        print(entry, flush=True)
             file.unlink()
     return result
 
 
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error (sd / sqrt(n); nan for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, math.nan
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def _fmt(mean: float, se: float) -> str:
+    return f"{mean:.2f}" if math.isnan(se) else f"{mean:.2f} ± {se:.2f}"
+
+
+def _cells(result: dict) -> dict:
+    """(rows, batch) -> {"one": [entries by round], "two": [...], "ratio": [...],
+    "loop_ratio": [...]}: ratios paired within each round."""
+    cells: dict = {}
+    for e in result["throughput"]:
+        cell = cells.setdefault((e["rows"], e["batch"]), {1: {}, 2: {}})
+        cell[e["devices"]][e.get("round", 0)] = e
+    out = {}
+    for key, cell in cells.items():
+        rounds = sorted(set(cell[1]) & set(cell[2]))
+        one = [cell[1][r] for r in rounds]
+        two = [cell[2][r] for r in rounds]
+        out[key] = {
+            "one": one,
+            "two": two,
+            "ratio": [b["rows_per_second"] / a["rows_per_second"] for a, b in zip(one, two)],
+            "loop_ratio": [
+                a["loop_seconds"] / b["loop_seconds"]
+                for a, b in zip(one, two)
+                if "loop_seconds" in a and "loop_seconds" in b
+            ],
+        }
+    return out
+
+
 def report(result: dict) -> str:
+    repeats = result.get("repeats", 1)
     lines = [
         "# Streamed fits from Parquet: throughput and memory",
         "",
         f"Machine: {result['machine']}, torch {result['torch']}, load average at start "
-        f"{result['load_at_start']}. Command: `python -m benchmarks.streaming` "
-        "(`make benchmark-streaming`).",
+        f"{result['load_at_start']}. Command: `python -m benchmarks.streaming "
+        f"--repeats {repeats}` (`make benchmark-streaming`).",
         "",
         "One epoch of the default model (5 stacked mean-field members) from a Parquet file "
         "of inverse-sine rows; each fit in a fresh process. Rows/s = optimizer steps times "
         "the global batch over the whole call (scan, process start, training, validation); "
         "the training loop is rank 0's time from building the members to the end of "
-        "training (no scan, no process start), and its speed-up compares those times. "
-        "Peak memory is `ru_maxrss` when `fit` returns (before the test predictions), of the "
-        "fitting process and, for 2 processes, of the largest worker; importing "
+        "training (no scan, no process start). "
+        f"Each cell ran {repeats} time(s), one and two processes in each round (alternating "
+        "which went first); seconds and rows/s are means over the rounds, and each speed-up "
+        "is the mean ± standard error of the per-round ratios (two processes against one "
+        "in the same round). "
+        "Peak memory is `ru_maxrss` when `fit` returns (before the test predictions), the "
+        "largest over the rounds, of the fitting process and, for 2 processes, of the "
+        "largest worker; importing "
         f"bayes_mdn and its dependencies alone takes about {result['throughput'][0]['import_mb']:.0f} "
         "MB.",
         "",
@@ -158,20 +208,25 @@ def report(result: dict) -> str:
         "loop speed-up | peak MB (main / worker) | test NLL |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
-    one = {(e["rows"], e["batch"]): e for e in result["throughput"] if e["devices"] == 1}
-    for e in result["throughput"]:
-        base = one[(e["rows"], e["batch"])]
-        speedup = e["rows_per_second"] / base["rows_per_second"]
-        worker = f"{e['worker_peak_mb']:.0f}" if e["devices"] > 1 else "-"
-        if "loop_seconds" in e:
-            loop = f"{e['loop_seconds']:.1f} | {base['loop_seconds'] / e['loop_seconds']:.2f}"
-        else:
-            loop = "- | -"
-        lines.append(
-            f"| {e['rows']:,} | {e['batch']} | {e['devices']} | {e['seconds']:.1f} | "
-            f"{e['rows_per_second']:,} | {speedup:.2f} | {loop} | {e['peak_mb']:.0f} / "
-            f"{worker} | {e['test_nll']:.4f} |"
-        )
+    cells = _cells(result)
+    for (n, batch), cell in cells.items():
+        for devices, entries in ((1, cell["one"]), (2, cell["two"])):
+            seconds = _mean_se([e["seconds"] for e in entries])[0]
+            rate = _mean_se([e["rows_per_second"] for e in entries])[0]
+            has_loop = all("loop_seconds" in e for e in entries)
+            loop_s = _mean_se([e["loop_seconds"] for e in entries])[0] if has_loop else None
+            if devices == 1:
+                speedup, loop_up = "1.00", "1.00"
+            else:
+                speedup = _fmt(*_mean_se(cell["ratio"]))
+                loop_up = _fmt(*_mean_se(cell["loop_ratio"])) if cell["loop_ratio"] else "-"
+            loop = f"{loop_s:.1f} | {loop_up}" if loop_s is not None else "- | -"
+            peak = max(e["peak_mb"] for e in entries)
+            worker = f"{max(e['worker_peak_mb'] for e in entries):.0f}" if devices > 1 else "-"
+            lines.append(
+                f"| {n:,} | {batch} | {devices} | {seconds:.1f} | {rate:,.0f} | {speedup} | "
+                f"{loop} | {peak:.0f} / {worker} | {entries[0]['test_nll']:.4f} |"
+            )
     q = result["quality"]
     if q:
         lines += [
@@ -191,19 +246,28 @@ def report(result: dict) -> str:
         gap = q["parquet"]["test_nll"] - q["in_memory"]["test_nll"]
         lines += ["", f"Streamed minus in-memory test NLL: {gap:+.4f} nats (one seed)."]
     lines += ["", "## Reading", ""]
-    largest = max(e["rows"] for e in result["throughput"])
-    smallest = min(e["rows"] for e in result["throughput"])
-    for batch in sorted({e["batch"] for e in result["throughput"]}):
-        at = {(e["rows"], e["devices"]): e for e in result["throughput"] if e["batch"] == batch}
-        sizes = sorted({n for n, _ in at if n >= 1e6})
-        per_row = [1e6 / at[(n, 1)]["rows_per_second"] for n in sizes]
+    largest = max(n for n, _ in cells)
+    smallest = min(n for n, _ in cells)
+    for batch in sorted({b for _, b in cells}):
+        big, small = cells[(largest, batch)], cells[(smallest, batch)]
+        sizes = sorted(n for n, b in cells if b == batch and n >= 1e6)
+        per_row = [
+            1e6 / _mean_se([e["rows_per_second"] for e in cells[(n, batch)]["one"]])[0]
+            for n in sizes
+        ]
+        loop = (
+            f" ({_fmt(*_mean_se(big['loop_ratio']))}x in the training loop alone)"
+            if big["loop_ratio"]
+            else ""
+        )
         lines.append(
             f"- Batch {batch}: at {largest:,} rows two processes train "
-            f"{at[(largest, 2)]['rows_per_second'] / at[(largest, 1)]['rows_per_second']:.2f}x "
-            f"the rows per second of one{_loop_ratio(at[(largest, 1)], at[(largest, 2)])}; "
-            f"at {smallest:,} rows, where training is short, the whole call took "
-            f"{at[(smallest, 2)]['seconds']:.1f} s with two processes and "
-            f"{at[(smallest, 1)]['seconds']:.1f} s with one. One process: "
+            f"{_fmt(*_mean_se(big['ratio']))}x the rows per second of one{loop}, over "
+            f"{len(big['ratio'])} round(s); at {smallest:,} rows, where training is short, "
+            "the whole call took "
+            f"{_mean_se([e['seconds'] for e in small['two']])[0]:.1f} s with two processes "
+            f"and {_mean_se([e['seconds'] for e in small['one']])[0]:.1f} s with one. "
+            "One process: "
             + ", ".join(f"{t:.1f}" for t in per_row)
             + f" s per million rows trained at {', '.join(f'{n:,}' for n in sizes)} rows."
         )
@@ -212,16 +276,13 @@ def report(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _loop_ratio(one: dict, two: dict) -> str:
-    if "loop_seconds" not in one or "loop_seconds" not in two:
-        return ""
-    return f" ({one['loop_seconds'] / two['loop_seconds']:.2f}x in the training loop alone)"
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
     parser.add_argument("--batch", type=int, nargs="+", default=[500, 4096, 16384])
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="rounds of every cell (one and two processes)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="write <out>.json and <out>.md")
     parser.add_argument(
         "--from-json", type=Path, default=None, help="rewrite the report of a saved result"
@@ -238,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
         result = json.loads(args.from_json.read_text())
         emit(result, report(result), args.out)
         return
-    result = run(args.rows, args.batch)
+    result = run(args.rows, args.batch, args.repeats)
     emit(result, report(result), args.out)
 
 

@@ -167,3 +167,32 @@ def test_streaming_benchmark_measures_a_parquet_fit(tmp_path):
     }
     text = streaming.report(result)
     assert "| 2,500 | 500 | 2 |" in text and "Largest peak" in text
+
+
+def test_streaming_report_pairs_the_rounds():
+    from benchmarks import streaming
+
+    def entry(devices, r, seconds):
+        return {
+            "rows": 1000,
+            "batch": 100,
+            "devices": devices,
+            "round": r,
+            "seconds": seconds,
+            "loop_seconds": seconds / 2,
+            "steps_per_member": 9.0,
+            "rows_per_second": 9000 / seconds,
+            "import_mb": 400.0,
+            "peak_mb": 500.0 + r,
+            "worker_peak_mb": 450.0 if devices == 2 else 0.0,
+            "test_nll": 1.5,
+        }
+
+    # Round 0: 2.0 against 1.0 s (ratio 2.0); round 1: 3.0 against 2.0 s (ratio 1.5).
+    throughput = [entry(1, 0, 2.0), entry(2, 0, 1.0), entry(2, 1, 2.0), entry(1, 1, 3.0)]
+    result = {"machine": "m", "torch": "t", "load_at_start": 0.0, "repeats": 2}
+    text = streaming.report(result | {"quality": None, "throughput": throughput})
+    # Mean of the paired ratios 2.0 and 1.5, standard error 0.25 (sd 0.354 / sqrt 2).
+    assert "| 1.75 ± 0.25 |" in text
+    assert "| 1,000 | 100 | 1 | 2.5 |" in text  # mean seconds of one process
+    assert "| 501 / - |" in text  # the largest peak over the rounds
