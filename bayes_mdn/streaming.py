@@ -265,7 +265,7 @@ def _train_batches(
 
 @dataclass
 class StreamJob:
-    """Everything a process needs to run the streamed fit (pickled to spawned workers)."""
+    """Everything a process needs to run the streamed fit (pickled for spawned workers)."""
 
     source: Source
     plan: DataPlan
@@ -529,12 +529,30 @@ def _run(fabric: Any, job: StreamJob) -> dict[str, Any]:
     }
 
 
-def _worker(fabric: Any, payload: bytes, out: str) -> None:
+class _Sealed:
+    """A job handed to the launcher as one opaque object. Fabric's launcher walks its
+    arguments as collections and refuses frozen dataclasses (FitConfig) inside them;
+    it does not look inside this. A forked worker gets the job as it is in memory (no
+    copy of in-memory rows); a spawned one gets it pickled, by value: plain ``pickle``,
+    not torch's multiprocessing pickler, which would put the tensors of a user's backbone
+    in memory shared with this process."""
+
+    def __init__(self, job: StreamJob) -> None:
+        self.job = job
+
+    def __getstate__(self) -> bytes:
+        return pickle.dumps(self.job)
+
+    def __setstate__(self, state: bytes) -> None:
+        self.job = pickle.loads(state)
+
+
+def _worker(fabric: Any, sealed: _Sealed, out: str) -> None:
     # DDP warns that the gradient of a stacked (M, out, in) weight, which autograd lays out
     # transposed, does not match its bucket's strides; it copies, once per step.
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
     try:
-        result = _run(fabric, pickle.loads(payload))
+        result = _run(fabric, sealed.job)
     except Exception as err:
         # The launcher re-raises a worker's error as text; leave the error itself for the
         # caller (the first process to fail writes it), then fail as the launcher expects.
@@ -633,10 +651,8 @@ def fit_streamed(
         # Each worker puts the loop on fabric.device: its own GPU, or the CPU.
         with tempfile.TemporaryDirectory(prefix="bayes_mdn_ddp_") as tmp:
             out = os.path.join(tmp, "result.pickle")
-            # Pickled here: Fabric's launcher walks its arguments and refuses frozen
-            # dataclasses (FitConfig) inside them.
             try:
-                fabric.launch(_worker, pickle.dumps(job), out)
+                fabric.launch(_worker, _Sealed(job), out)
             except Exception as launch_error:
                 errors = sorted(p for p in os.listdir(tmp) if ".error." in p)
                 if not errors:
