@@ -18,6 +18,11 @@ from .model import MixtureDensityModel
 __all__ = ["NUTSConfig", "fit_nuts"]
 
 
+# Pyro's MCMC diagnostics (split R-hat, read for the divergence counts) halve each chain
+# twice; with fewer draws they fail with a bare AssertionError after all the sampling.
+MIN_NUTS_SAMPLES = 4
+
+
 @dataclass(frozen=True)
 class NUTSConfig:
     """Settings of the NUTS run of ``BayesianMDN(method="nuts")``, checked when built.
@@ -53,20 +58,11 @@ class NUTSConfig:
     def __post_init__(self) -> None:
         for name in ("num_chains", "warmup_steps", "num_samples", "max_tree_depth"):
             check_count(name, getattr(self, name))
-        _check_num_samples(self.num_samples)
-
-
-# Pyro's MCMC diagnostics (split R-hat, read for the divergence counts) halve each chain
-# twice; with fewer draws they fail with a bare AssertionError after all the sampling.
-MIN_NUTS_SAMPLES = 4
-
-
-def _check_num_samples(num_samples: int) -> None:
-    if num_samples < MIN_NUTS_SAMPLES:
-        raise ValueError(
-            f"num_samples must be at least {MIN_NUTS_SAMPLES} draws per chain (the chain "
-            f"diagnostics split each chain), got {num_samples}"
-        )
+        if self.num_samples < MIN_NUTS_SAMPLES:
+            raise ValueError(
+                f"num_samples must be at least {MIN_NUTS_SAMPLES} draws per chain (the chain "
+                f"diagnostics split each chain), got {self.num_samples}"
+            )
 
 
 def fit_nuts(
@@ -121,14 +117,13 @@ def fit_nuts(
 
     if not model.latent_shapes:
         raise ValueError("NUTS needs latent weights: the model has bayesian='none'")
-    for name, value in (
-        ("num_samples", num_samples),
-        ("warmup_steps", warmup_steps),
-        ("num_chains", num_chains),
-        ("max_tree_depth", max_tree_depth),
-    ):
-        check_count(name, value)
-    _check_num_samples(num_samples)
+    # The settings' checks are NUTSConfig's own.
+    NUTSConfig(
+        num_chains=num_chains,
+        warmup_steps=warmup_steps,
+        num_samples=num_samples,
+        max_tree_depth=max_tree_depth,
+    )
     if x.dim() != 2 or y.dim() != 2 or len(x) != len(y):
         raise ValueError(
             f"x and y must be (n, d_x) and (n, d_y) with the same n, got "
