@@ -32,8 +32,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import fmean
 
-from ._report import emit, machine
+from ._report import emit, machine, mean_se
 
 __all__ = ["main", "write_rows"]
 
@@ -141,16 +142,6 @@ def run(rows: list[int], batches: list[int], repeats: int = 1) -> dict:
     return result
 
 
-def _mean_se(values: list[float]) -> tuple[float, float]:
-    """Mean and standard error (sd / sqrt(n); nan for one value)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, math.nan
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(var / n)
-
-
 def _fmt(mean: float, se: float) -> str:
     return f"{mean:.2f}" if math.isnan(se) else f"{mean:.2f} ± {se:.2f}"
 
@@ -211,15 +202,15 @@ def report(result: dict) -> str:
     cells = _cells(result)
     for (n, batch), cell in cells.items():
         for devices, entries in ((1, cell["one"]), (2, cell["two"])):
-            seconds = _mean_se([e["seconds"] for e in entries])[0]
-            rate = _mean_se([e["rows_per_second"] for e in entries])[0]
+            seconds = fmean([e["seconds"] for e in entries])
+            rate = fmean([e["rows_per_second"] for e in entries])
             has_loop = all("loop_seconds" in e for e in entries)
-            loop_s = _mean_se([e["loop_seconds"] for e in entries])[0] if has_loop else None
+            loop_s = fmean([e["loop_seconds"] for e in entries]) if has_loop else None
             if devices == 1:
                 speedup, loop_up = "1.00", "1.00"
             else:
-                speedup = _fmt(*_mean_se(cell["ratio"]))
-                loop_up = _fmt(*_mean_se(cell["loop_ratio"])) if cell["loop_ratio"] else "-"
+                speedup = _fmt(*mean_se(cell["ratio"]))
+                loop_up = _fmt(*mean_se(cell["loop_ratio"])) if cell["loop_ratio"] else "-"
             loop = f"{loop_s:.1f} | {loop_up}" if loop_s is not None else "- | -"
             peak = max(e["peak_mb"] for e in entries)
             worker = f"{max(e['worker_peak_mb'] for e in entries):.0f}" if devices > 1 else "-"
@@ -252,21 +243,20 @@ def report(result: dict) -> str:
         big, small = cells[(largest, batch)], cells[(smallest, batch)]
         sizes = sorted(n for n, b in cells if b == batch and n >= 1e6)
         per_row = [
-            1e6 / _mean_se([e["rows_per_second"] for e in cells[(n, batch)]["one"]])[0]
-            for n in sizes
+            1e6 / fmean([e["rows_per_second"] for e in cells[(n, batch)]["one"]]) for n in sizes
         ]
         loop = (
-            f" ({_fmt(*_mean_se(big['loop_ratio']))}x in the training loop alone)"
+            f" ({_fmt(*mean_se(big['loop_ratio']))}x in the training loop alone)"
             if big["loop_ratio"]
             else ""
         )
         lines.append(
             f"- Batch {batch}: at {largest:,} rows two processes train "
-            f"{_fmt(*_mean_se(big['ratio']))}x the rows per second of one{loop}, over "
+            f"{_fmt(*mean_se(big['ratio']))}x the rows per second of one{loop}, over "
             f"{len(big['ratio'])} round(s); at {smallest:,} rows, where training is short, "
             "the whole call took "
-            f"{_mean_se([e['seconds'] for e in small['two']])[0]:.1f} s with two processes "
-            f"and {_mean_se([e['seconds'] for e in small['one']])[0]:.1f} s with one. "
+            f"{fmean([e['seconds'] for e in small['two']]):.1f} s with two processes "
+            f"and {fmean([e['seconds'] for e in small['one']]):.1f} s with one. "
             "One process: "
             + ", ".join(f"{t:.1f}" for t in per_row)
             + f" s per million rows trained at {', '.join(f'{n:,}' for n in sizes)} rows."

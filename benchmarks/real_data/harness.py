@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from .._report import mean_se
 from .datasets import DATASETS, RealDataset, load
 
 __all__ = [
@@ -346,12 +347,6 @@ def _line(r: SplitResult) -> str:
     return f"{r.dataset:>10} split {r.split:2d} {r.model:>16}: nll {nll}{cov}{fit}{extra}"
 
 
-def _mean_se(values: Sequence[float]) -> tuple[float, float]:
-    a = np.asarray(values, dtype=float)
-    se = float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else math.nan
-    return float(a.mean()), se
-
-
 def is_ours(name: str) -> bool:
     """bayes_mdn and its variants (``bayes_mdn[...]``) against everything else."""
     return name.startswith("bayes_mdn")
@@ -405,7 +400,7 @@ def summarize(results: Sequence[SplitResult]) -> dict[str, Any]:
                 "n_test": rows[0].n_test,
             }
             if ok:
-                entry["nll_mean"], entry["nll_se"] = _mean_se([r.nll for r in ok])  # type: ignore[misc]
+                entry["nll_mean"], entry["nll_se"] = mean_se([r.nll for r in ok])  # type: ignore[misc]
                 entry["fit_seconds"] = float(np.mean([r.fit_seconds for r in ok]))
                 covs = [r.coverage for r in ok if r.coverage is not None]
                 entry["coverage"] = float(np.mean(covs)) if covs else None
@@ -421,7 +416,7 @@ def summarize(results: Sequence[SplitResult]) -> dict[str, Any]:
                     continue
                 diffs = list(paired_differences(results, name, best).get(ds_name, {}).values())
                 if diffs:
-                    mean, se = _mean_se(diffs)
+                    mean, se = mean_se(diffs)
                     paired[name] = {
                         "vs": best,
                         "mean": mean,
