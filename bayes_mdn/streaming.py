@@ -593,9 +593,9 @@ def _strategy(device: torch.device, num_threads: int | None) -> str:
     fits. A forked worker starts from a copy of this process in well under a second. Fork
     is safe only where nothing in the copy is broken by it: not on GPUs, nor once CUDA is
     initialised in this process even for a CPU fit (CUDA does not survive a fork), not on
-    macOS (its system libraries are not fork-safe), and not
-    where the workers run multi-threaded torch operations (GNU OpenMP's thread pool does
-    not survive a fork), hence only with ``num_threads=1``, the default. Python 3.12 and
+    macOS (its system libraries are not fork-safe), and not where the workers run
+    multi-threaded torch operations (GNU OpenMP's thread pool does not survive a fork),
+    hence only with ``num_threads=1``, the default. Python 3.12 and
     later warn (``DeprecationWarning``, hidden by default) when a process with other
     threads forks; here those are allocator and thread-pool threads of the libraries,
     whose state the workers do not use (a one-thread worker runs no OpenMP region, and
