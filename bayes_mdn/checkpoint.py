@@ -27,7 +27,8 @@ __all__ = ["CHECKPOINT_VERSION", "check_checkpoint_args", "checkpoint_identity"]
 CHECKPOINT_VERSION = 2
 _CHECKPOINT_KIND = "checkpoint"
 # Settings that leave every number of a fit unchanged, so a resume may change them.
-_RESUME_FREE = ("progress", "jit")  # jit: deprecated, does nothing
+# compile: the compiled step computes the eager step's numbers (up to float rounding).
+_RESUME_FREE = ("progress", "jit", "compile")  # jit: deprecated, does nothing
 # Estimator arguments that are bookkeeping, not part of what is fitted.
 # n_jobs: members fitted in worker processes give the numbers of an in-process fit;
 # devices: a data-parallel fit follows the one-process objective (bayes_mdn.streaming).
@@ -40,6 +41,7 @@ _IDENTITY_FREE = (
     "n_jobs",
     "devices",
     "jit",
+    "compile",
     # The NUTS run that may follow the SVI loop changes nothing in it.
     "nuts",
     "num_chains",
@@ -52,7 +54,7 @@ _IDENTITY_FREE = (
 def checkpoint_identity(params: Mapping[str, object]) -> dict[str, object]:
     """The ``identity`` of :func:`~bayes_mdn.fit.fit_svi` for an estimator with these
     constructor arguments: all of them but the bookkeeping ones (progress, checkpoint,
-    checkpoint_every, resume, num_threads, n_jobs, devices), the deprecated ``jit`` and
+    checkpoint_every, resume, num_threads, n_jobs, devices, compile), the deprecated ``jit`` and
     the NUTS settings (which change nothing in the SVI loop), so that an argument added
     later is part of a checkpoint's identity without being listed anywhere.
 

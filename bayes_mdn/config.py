@@ -9,6 +9,8 @@ the stacked ensemble, the streamed fit) and the checkpoints share these types.
 from __future__ import annotations
 
 import math
+import shutil
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -18,6 +20,7 @@ from ._validation import check_count, check_seed
 __all__ = [
     "AUTO_PATIENCE_STEPS",
     "AUTO_STEPS",
+    "COMPILE_STEPS",
     "EVAL_STEPS",
     "LR_SCHEDULES",
     "FitConfig",
@@ -30,6 +33,9 @@ LR_SCHEDULES = ("onecycle", "cosine", "constant")
 AUTO_STEPS = 8000
 AUTO_PATIENCE_STEPS = 1000
 EVAL_STEPS = 25
+# compile="auto" compiles a fit planned for at least this many steps (see
+# FitConfig.compiles).
+COMPILE_STEPS = 20_000
 
 
 @dataclass(frozen=True)
@@ -65,7 +71,12 @@ class FitConfig:
         ``JitTrace_ELBO`` cannot run on module-local parameters (it looks them up in the
         global param store), the built-in guides' objectives are computed directly
         (:class:`~bayes_mdn.losses.MapLoss`, :class:`~bayes_mdn.losses.MeanFieldLoss`),
-        and ``torch.compile`` of the step gives no speed-up on the CPU (docs/notes.md).
+        and ``compile`` below is what compiles the step.
+    compile : ``torch.compile`` the loss module of the training step (Inductor; the
+        backward through AOTAutograd): True, False or ``"auto"``, which compiles long fits
+        where that measured faster (see :meth:`compiles`). A compiled fit gives the eager
+        fit's numbers up to float rounding, its random draws included (tested); the
+        compile time is part of the fit. ``True`` on the CPU needs a C++ compiler.
     seed : seed of every random choice of the fit, an integer in [0, 2**63); None for
         fresh randomness
     device : "auto", "cpu", "cuda" or "cuda:N"
@@ -87,6 +98,7 @@ class FitConfig:
     val_draws: int = 16
     input_noise: float = 0.05
     jit: bool = False
+    compile: bool | Literal["auto"] = "auto"
     seed: int | None = 0
     device: str = "auto"
     progress: bool = True
@@ -117,6 +129,8 @@ class FitConfig:
             raise ValueError(f"clip_norm must be None or > 0, got {self.clip_norm!r}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        if not (isinstance(self.compile, bool) or self.compile == "auto"):
+            raise ValueError(f"compile must be True, False or 'auto', got {self.compile!r}")
         # Frozen: the checked seed (a NumPy integer becomes an int) is set through object.
         object.__setattr__(self, "seed", check_seed(self.seed))
         resolve_device(self.device)
@@ -136,6 +150,34 @@ class FitConfig:
         n_val = n_train * self.val_fraction / (1 - self.val_fraction)
         cost = 2 * n_val * self.val_draws / (batch * self.num_particles)
         return max(EVAL_STEPS, min(AUTO_PATIENCE_STEPS // 4, math.ceil(cost)))
+
+    def compiles(self, device: object, planned_steps: int, stacked: bool = False) -> bool:
+        """Whether a fit on ``device`` planned for ``planned_steps`` optimizer steps
+        compiles its step, ``compile`` resolved. ``stacked``: the step trains several
+        members as one stacked network.
+
+        ``"auto"`` compiles fits planned for at least ``COMPILE_STEPS`` steps
+
+        * on CUDA. Not measured (no GPU was at hand): small steps on a GPU are bound by
+          kernel launches, which compiling fuses;
+        * on a Linux CPU with a C++ compiler on the PATH, for one network (not a stacked
+          ensemble). There the compiled step measured 1.4 to 1.6 times faster. Compiling
+          took 7 s with Inductor's on-disk cache warm, as it is after the first compiled
+          fit on a machine, and about 21 s cold, so it pays after about 15,000 steps warm
+          and 35,000 to 55,000 cold. The stacked step measured no faster compiled
+          (docs/notes.md, ``python -m benchmarks.compile_step``).
+        """
+        if self.compile != "auto":
+            return bool(self.compile)
+        kind = resolve_device(device).type
+        if planned_steps < COMPILE_STEPS:
+            return False
+        return kind == "cuda" or (
+            kind == "cpu"
+            and not stacked
+            and sys.platform.startswith("linux")
+            and any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+        )
 
     def schedule(self, n_train: int) -> tuple[int, int, int, int | None]:
         """(batch rows, epochs, eval_every epochs, patience epochs) for ``n_train`` rows,

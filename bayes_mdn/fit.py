@@ -71,8 +71,8 @@ __all__ = [
 #: What ``jit=True`` (deprecated, no effect) warns.
 JIT_DEPRECATED = (
     "jit is deprecated and does nothing (the built-in losses are computed directly and "
-    "Pyro's JitTrace_ELBO cannot run on module-local parameters); it will be removed in "
-    "bayes_mdn 0.3"
+    "Pyro's JitTrace_ELBO cannot run on module-local parameters; compile=True compiles "
+    "the step); it will be removed in bayes_mdn 0.3"
 )
 
 
@@ -92,6 +92,62 @@ def _adam(params: Sequence[Tensor], lr: float, device: torch.device) -> torch.op
     step. The same update rule; rounding may differ in the last bits."""
     fused = device.type in ("cpu", "cuda")
     return torch.optim.Adam(params, lr=lr, fused=fused or None)
+
+
+def _step_module(
+    module: nn.Module, config: FitConfig, device: torch.device, planned: int, stacked: bool
+) -> nn.Module:
+    """The loss module the training steps call: ``module`` itself, or a
+    :class:`_CompiledStep` of it when ``config.compiles(device, planned, stacked)``. The
+    module keeps the parameters either way (states, checkpoints and validation read it).
+    ``compile="auto"`` compiles only the library's own losses (:class:`MapLoss`,
+    :class:`MeanFieldLoss` and their stack), not Pyro's ``Trace_ELBO`` of other guides."""
+    if not config.compiles(device, planned, stacked):
+        return module
+    auto = config.compile == "auto"
+    if auto and not (stacked or isinstance(module, (MapLoss, MeanFieldLoss))):
+        return module
+    return _CompiledStep(module, fallback=auto)
+
+
+class _CompiledStep(nn.Module):
+    """``torch.compile`` of a loss module for the steps of the first batch shape it sees
+    (the full batch); other shapes (a short last batch, members that have stopped) run
+    the module eagerly instead of compiling again. Random draws inside the step (the
+    ELBO's reparameterized samples) come from torch's own generator (Inductor's
+    ``fallback_random``), so that a seeded compiled fit draws what the eager one does.
+    With ``fallback`` (``compile="auto"``), a compile that fails on the first step warns
+    and the fit goes on eagerly; with ``compile=True`` the error is raised."""
+
+    def __init__(self, module: nn.Module, fallback: bool = False) -> None:
+        super().__init__()
+        self.module = module
+        self.fallback = fallback
+        # Not registered as a submodule: the parameters are the module's, listed once.
+        self.__dict__["compiled"] = torch.compile(
+            module, dynamic=False, options={"fallback_random": True}
+        )
+        self.shape: torch.Size | None = None
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if self.shape is None:
+            self.shape = x.shape
+            if self.fallback:
+                try:
+                    return self.__dict__["compiled"](x, *args, **kwargs)
+                except Exception as err:  # any compiler failure; real errors recur eagerly
+                    warnings.warn(
+                        f"compiling the training step failed ({type(err).__name__}: "
+                        f"{str(err)[:200]}); fitting eagerly instead (compile=False "
+                        "skips the attempt)",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                    self.__dict__["compiled"] = None
+                    return self.module(x, *args, **kwargs)
+        compiled = self.__dict__["compiled"]
+        step = compiled if compiled is not None and x.shape == self.shape else self.module
+        return step(x, *args, **kwargs)
 
 
 def _make_scheduler(
@@ -211,6 +267,7 @@ def fit_svi(
         params = [p for p in loss_fn.parameters() if p.requires_grad]
         optimizer = _adam(params, config.lr, device)
         scheduler = _make_scheduler(optimizer, config, epochs * steps_per_epoch)
+        step_loss = _step_module(loss_fn, config, device, epochs * steps_per_epoch, False)
         # A constant rate needs no step (the scheduler's Python call is ~1% of a step).
         scheduled = config.lr_schedule != "constant"
 
@@ -249,7 +306,7 @@ def fit_svi(
                 x_batch = x_train[idx]
                 if config.input_noise > 0:
                     x_batch = x_batch + noise_scale * torch.randn_like(x_batch)
-                loss = loss_fn(x_batch, y_train[idx], subsample=idx, n_total=n)
+                loss = step_loss(x_batch, y_train[idx], subsample=idx, n_total=n)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if config.clip_norm is not None:

@@ -36,7 +36,7 @@ from .checkpoint import (
     check_checkpoint_args,
 )
 from .config import FitConfig, FitHistory
-from .fit import _adam, _cpu_threads, _make_scheduler, _progress, split_indices
+from .fit import _adam, _cpu_threads, _make_scheduler, _progress, _step_module, split_indices
 from .losses import _FUSED_GUIDES, MapLoss, MeanFieldLoss, make_loss
 from .model import MixtureDensityModel
 
@@ -302,6 +302,7 @@ def fit_stacked(
         optimizer = _adam(params, config.lr, device)
         scheduler = _make_scheduler(optimizer, config, epochs * steps_per_epoch)
         scheduled = config.lr_schedule != "constant"
+        step_loss = _step_module(stack, config, device, epochs * steps_per_epoch, True)
 
         live_state = stack.state_dict()
         best_state = {k: v.clone() for k, v in live_state.items()}
@@ -345,7 +346,7 @@ def fit_stacked(
                 x_batch = x[idx]
                 if config.input_noise > 0:
                     x_batch = x_batch + noise_scale * torch.randn_like(x_batch)
-                member_loss = stack(x_batch, y[idx], n, live)
+                member_loss = step_loss(x_batch, y[idx], n, live)
                 optimizer.zero_grad(set_to_none=True)
                 member_loss.sum().backward()
                 if max_grad_norm is not None:

@@ -57,7 +57,7 @@ from ._utils import pyro_scope, resolve_device, seeded
 from ._validation import check_count
 from .checkpoint import _plain, _read_checkpoint, check_checkpoint_args
 from .config import AUTO_PATIENCE_STEPS, AUTO_STEPS, FitConfig, FitHistory
-from .fit import _adam, _cpu_threads, _make_scheduler, _progress
+from .fit import _adam, _cpu_threads, _make_scheduler, _progress, _step_module
 from .losses import make_loss
 from .model import MixtureDensityModel
 from .sources import RunningMoments, Source
@@ -377,11 +377,13 @@ def _run(fabric: Any, job: StreamJob) -> dict[str, Any]:
         optimizer = _adam(params, config.lr, device)
         scheduler = _make_scheduler(optimizer, config, total)
         scheduled = config.lr_schedule != "constant"
+        # A compiled step is compiled inside the module that DDP wraps.
+        step_loss = _step_module(stack, config, device, total, True)
         if fabric is not None:
-            trained, optimizer = fabric.setup(stack, optimizer)
+            trained, optimizer = fabric.setup(step_loss, optimizer)
             backward, reduce = fabric.backward, lambda t: fabric.all_reduce(t, reduce_op="sum")
         else:
-            trained = stack
+            trained = step_loss
 
             def backward(loss: Tensor) -> None:
                 loss.backward()
@@ -584,9 +586,9 @@ def _close_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
-def _strategy(device: torch.device, num_threads: int | None) -> str:
-    """Fabric's launcher: ``"ddp_fork"`` for one-thread CPU workers on Linux, else
-    ``"ddp_spawn"``.
+def _strategy(device: torch.device, num_threads: int | None, compiles: bool = False) -> str:
+    """Fabric's launcher: ``"ddp_fork"`` for one-thread CPU workers on Linux that do not
+    compile their step, else ``"ddp_spawn"``.
 
     A spawned worker starts a fresh interpreter and imports torch, Pyro and this package
     again: about 9 s on a 2-core machine (docs/notes.md), more than the training of many
@@ -595,7 +597,9 @@ def _strategy(device: torch.device, num_threads: int | None) -> str:
     initialised in this process even for a CPU fit (CUDA does not survive a fork), not on
     macOS (its system libraries are not fork-safe), and not where the workers run
     multi-threaded torch operations (GNU OpenMP's thread pool does not survive a fork),
-    hence only with ``num_threads=1``, the default. Python 3.12 and
+    hence only with ``num_threads=1``, the default, and not where the workers compile their
+    step (``compiles``): forked workers that compiled with Inductor after this process had
+    compiled hung on a cold cache (its compile workers do not survive a fork). Python 3.12 and
     later warn (``DeprecationWarning``, hidden by default) when a process with other
     threads forks; here those are allocator and thread-pool threads of the libraries,
     whose state the workers do not use (a one-thread worker runs no OpenMP region, and
@@ -608,6 +612,7 @@ def _strategy(device: torch.device, num_threads: int | None) -> str:
         device.type == "cpu"
         and not torch.cuda.is_initialized()
         and num_threads == 1
+        and not compiles
         and sys.platform.startswith("linux")
         and "fork" in multiprocessing.get_all_start_methods()
     ):
@@ -646,7 +651,8 @@ def fit_streamed(
         fabric = Fabric(
             accelerator="cuda" if device.type == "cuda" else "cpu",
             devices=devices,
-            strategy=_strategy(device, job.config.num_threads),
+            # "auto" never compiles a stacked CPU step (FitConfig.compiles).
+            strategy=_strategy(device, job.config.num_threads, job.config.compile is True),
         )
         # Each worker puts the loop on fabric.device: its own GPU, or the CPU.
         with tempfile.TemporaryDirectory(prefix="bayes_mdn_ddp_") as tmp:

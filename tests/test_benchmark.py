@@ -141,6 +141,15 @@ def test_numpyro_speed_report_and_crossover():
     }
     text = markdown({"meta": meta, "bayes_mdn": lib, "numpyro": numpyro})
     assert "| 1.50 |" in text and "0.86" in text  # 1.5 / 1.75
+    # With the compiled fit: the default's ratio is the compiled one's where "auto" compiles.
+    compiled = {"seconds": 21.0, "steps": 20_000, "ms_per_step": 1.05}
+    result = {"meta": meta, "bayes_mdn": lib, "numpyro": numpyro}
+    result |= {"bayes_mdn_compiled": compiled, "compile_steps": 20_000}
+    text = markdown(result | {"auto_compiles": True})
+    assert "| 1.05 |" in text and '`compile="auto"`, compiles' in text
+    assert "compile included: 0.60; compiled against NumPyro: 0.60" in text  # 1.05 / 1.75
+    text = markdown(result | {"auto_compiles": False})
+    assert "does not compile" in text and "compile included: 0.86; compiled" in text
 
 
 @pytest.mark.slow

@@ -1,12 +1,16 @@
-"""Fits through the fused losses follow the Trace_ELBO fits step for step; the model's
-hand-written log prior equals its prior distributions'."""
+"""Fits through the fused losses follow the Trace_ELBO fits step for step, and compiled
+steps the eager ones; the model's hand-written log prior equals its prior distributions'."""
 
+import shutil
+import sys
+
+import numpy as np
 import pytest
 import torch
 from pyro.infer import Trace_ELBO
 
-from bayes_mdn import BayesianMDN
-from bayes_mdn.config import FitConfig
+from bayes_mdn import BayesianMDN, make_inverse_sine
+from bayes_mdn.config import COMPILE_STEPS, FitConfig
 from bayes_mdn.fit import fit_svi
 from bayes_mdn.guides import make_guide
 from tests.helpers import float64_problem
@@ -123,3 +127,82 @@ def test_log_prior_follows_changed_prior_scales():
     value = model.log_prior({n: w.float() for n, w in weights.items()})
     assert value.dtype == torch.float32
     torch.testing.assert_close(value, expected().float())
+
+
+def test_compile_setting_is_checked_and_resolved(monkeypatch):
+    with pytest.raises(ValueError, match="compile must be True, False or 'auto'"):
+        FitConfig(compile="yes")
+    with pytest.raises(ValueError, match="compile must be"):
+        BayesianMDN(compile=1).fit_config()
+    auto = FitConfig()
+    cuda = torch.device("cuda")
+    # "auto" on CUDA: from COMPILE_STEPS planned steps on, stacked or not.
+    assert not auto.compiles(cuda, COMPILE_STEPS - 1)
+    assert auto.compiles(cuda, COMPILE_STEPS) and auto.compiles(cuda, COMPILE_STEPS, True)
+    # On the CPU: one network from COMPILE_STEPS on, where Linux and a compiler are.
+    assert not auto.compiles("cpu", COMPILE_STEPS - 1)
+    assert not auto.compiles("cpu", 10**7, stacked=True)
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/g++")
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert auto.compiles("cpu", COMPILE_STEPS)
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert not auto.compiles("cpu", COMPILE_STEPS)
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert not auto.compiles("cpu", COMPILE_STEPS)
+    assert FitConfig(compile=True).compiles("cpu", 1, stacked=True)
+    assert not FitConfig(compile=False).compiles(cuda, 10**7)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+    reason="torch.compile on the CPU needs a C++ compiler",
+)
+@pytest.mark.parametrize("n_members", [1, 2])
+def test_compiled_step_gives_the_eager_numbers(n_members):
+    # A whole fit with the compiled step (single member: fit_svi; two: the stacked loop,
+    # with a short last batch that recompiles) follows the eager fit step for step.
+    X, y = make_inverse_sine(200, seed=1)
+    options = dict(
+        n_members=n_members,
+        hidden=(8,),
+        n_components=3,
+        epochs=3,
+        batch_size=64,
+        dtype="float64",
+        progress=False,
+        seed=3,
+    )
+    eager = BayesianMDN(compile=False, **options).fit(X, y)
+    compiled = BayesianMDN(compile=True, **options).fit(X, y)
+    for a, b in zip(eager.histories_, compiled.histories_):
+        np.testing.assert_allclose(a.train_loss, b.train_loss, rtol=1e-9)
+        np.testing.assert_allclose(a.val_nll, b.val_nll, rtol=1e-9)
+    np.testing.assert_allclose(
+        eager.log_prob(X[:50], y[:50]), compiled.log_prob(X[:50], y[:50]), rtol=1e-9
+    )
+
+
+def test_a_failed_automatic_compile_falls_back_to_the_eager_step(monkeypatch):
+    import bayes_mdn.config as config_module
+
+    def broken_compile(module, **kwargs):
+        def call(*args, **kw):
+            raise RuntimeError("no C++ compiler works here")
+
+        return call
+
+    X, y = make_inverse_sine(120, seed=2)
+    options = dict(n_members=1, hidden=(8,), n_components=2, epochs=2, progress=False)
+    eager = BayesianMDN(compile=False, **options).fit(X, y)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(config_module, "COMPILE_STEPS", 1)
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/g++")
+    monkeypatch.setattr(sys, "platform", "linux")
+    with pytest.warns(RuntimeWarning, match="compiling the training step failed.*C\\+\\+"):
+        auto = BayesianMDN(**options).fit(X, y)
+    np.testing.assert_array_equal(eager.history_.train_loss, auto.history_.train_loss)
+    # Asked for explicitly, the failure is the caller's to see.
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler works here"):
+        BayesianMDN(compile=True, **options).fit(X, y)

@@ -343,6 +343,18 @@ def test_fit_passes_the_prior_function(faithful_csv: Path, tmp_path: Path) -> No
     assert exit_info.value.code == 2
 
 
+def test_fit_passes_compile(faithful_csv: Path, tmp_path: Path) -> None:
+    from bayes_mdn import load
+
+    argv = ["fit", "--csv", str(faithful_csv), "--x", "waiting", "--y", "eruptions"]
+    path = tmp_path / "eager.bmdn"
+    assert main([*argv, "--model", str(path), "--compile", "off", *TINY]) == 0
+    assert load(path, device="cpu").compile is False
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--model", str(path), "--compile", "yes", *TINY])
+    assert exit_info.value.code == 2
+
+
 @pytest.fixture
 def faithful_parquet(tmp_path: Path) -> Path:
     import pyarrow as pa

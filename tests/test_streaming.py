@@ -1,5 +1,7 @@
 """Streamed data (Parquet, DataLoader) and data-parallel fits on several processes."""
 
+import shutil
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -141,7 +143,7 @@ def test_spawned_workers_give_the_parameters_of_forked_ones(rows, monkeypatch):
     X, y = rows
     source = ArraySource(X, y[:, None], y_1d=True)
     forked = BayesianMDN(devices=2, **SMALL).fit(source)
-    monkeypatch.setattr(streaming, "_strategy", lambda device, num_threads: "ddp_spawn")
+    monkeypatch.setattr(streaming, "_strategy", lambda *args: "ddp_spawn")
     spawned = BayesianMDN(devices=2, **SMALL).fit(source)
     assert _max_diff(_params(forked), _params(spawned)) == 0
 
@@ -150,6 +152,7 @@ def test_workers_are_forked_only_where_that_is_safe(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr("sys.platform", "linux")
     assert streaming._strategy(cpu, 1) == "ddp_fork"
+    assert streaming._strategy(cpu, 1, compiles=True) == "ddp_spawn"
     assert streaming._strategy(cpu, 2) == "ddp_spawn"
     assert streaming._strategy(cpu, None) == "ddp_spawn"
     assert streaming._strategy(torch.device("cuda", 0), 1) == "ddp_spawn"
@@ -333,3 +336,16 @@ def test_two_gpus_give_the_parameters_of_one(rows, parquet_file):
     one = BayesianMDN(**options).fit(source)
     two = BayesianMDN(devices=2, **options).fit(source)
     assert _max_diff(_params(one), _params(two)) < 1e-8
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+    reason="torch.compile on the CPU needs a C++ compiler",
+)
+def test_a_compiled_streamed_fit_gives_the_eager_numbers(rows):
+    X, y = rows
+    source = ArraySource(X, y[:, None], y_1d=True)
+    eager = BayesianMDN(compile=False, **SMALL).fit(source)
+    compiled = BayesianMDN(compile=True, **SMALL).fit(source)
+    assert _max_diff(_params(eager), _params(compiled)) < 1e-9
