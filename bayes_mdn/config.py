@@ -33,8 +33,8 @@ LR_SCHEDULES = ("onecycle", "cosine", "constant")
 AUTO_STEPS = 8000
 AUTO_PATIENCE_STEPS = 1000
 EVAL_STEPS = 25
-# compile="auto" compiles a fit planned for at least this many steps (see
-# FitConfig.compiles).
+# compile="auto" compiles a one-network CPU fit planned for at least this many steps
+# (see FitConfig.compiles).
 COMPILE_STEPS = 20_000
 
 
@@ -156,24 +156,20 @@ class FitConfig:
         compiles its step, ``compile`` resolved. ``stacked``: the step trains several
         members as one stacked network.
 
-        ``"auto"`` compiles fits planned for at least ``COMPILE_STEPS`` steps
-
-        * on CUDA. Not measured (no GPU was at hand): small steps on a GPU are bound by
-          kernel launches, which compiling fuses;
-        * on a Linux CPU with a C++ compiler on the PATH, for one network (not a stacked
-          ensemble). There the compiled step measured 1.4 to 1.6 times faster. Compiling
-          took 7 s with Inductor's on-disk cache warm, as it is after the first compiled
-          fit on a machine, and about 21 s cold, so it pays after about 15,000 steps warm
-          and 35,000 to 55,000 cold. The stacked step measured no faster compiled
-          (docs/notes.md, ``python -m benchmarks.compile_step``).
+        ``"auto"`` compiles where that was measured to pay: the step of one network (not
+        a stacked ensemble) on a Linux CPU with a C++ compiler on the PATH, in a fit
+        planned for at least ``COMPILE_STEPS`` steps. There the compiled step measured 1.4
+        to 1.6 times faster. Compiling took 7 s with Inductor's on-disk cache warm, as it
+        is after the first compiled fit on a machine, and about 21 s cold, so it pays
+        after about 15,000 steps warm and 35,000 to 55,000 cold. The stacked step
+        measured no faster compiled (docs/notes.md, ``python -m benchmarks.compile_step``).
+        CUDA fits stay eager under ``"auto"``: no GPU was at hand to measure them.
         """
         if self.compile != "auto":
             return bool(self.compile)
-        kind = resolve_device(device).type
-        if planned_steps < COMPILE_STEPS:
-            return False
-        return kind == "cuda" or (
-            kind == "cpu"
+        return (
+            planned_steps >= COMPILE_STEPS
+            and resolve_device(device).type == "cpu"
             and not stacked
             and sys.platform.startswith("linux")
             and any(shutil.which(c) for c in ("g++", "c++", "clang++"))

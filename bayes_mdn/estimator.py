@@ -157,8 +157,8 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         setting alone. See :class:`bayes_mdn.fit.FitConfig`.
     compile : bool or "auto"
         ``torch.compile`` the training step: ``"auto"`` compiles long fits where that
-        measured faster (from 20,000 planned steps: one network on the CPU, not the stacked
-        ensemble; any CUDA fit), True or False force it. The same
+        measured faster (one network, not the stacked ensemble, on a Linux CPU, from 20,000
+        planned steps; CUDA fits, not measured, stay eager), True or False force it. The same
         numbers up to float rounding. See :meth:`bayes_mdn.fit.FitConfig.compiles`.
     checkpoint, checkpoint_every, resume :
         Deprecated (removed in 0.3): pass them to :meth:`fit`, whose call they belong to.
