@@ -87,8 +87,8 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         streamed loop (:mod:`bayes_mdn.streaming`) even for in-memory arrays; each
         process takes an equal slice of every mini-batch and the objective is the
         one-process objective of that mini-batch. Needs the ``scale`` extra. On Linux
-        CPUs with ``num_threads=1`` the processes are forked from this one; elsewhere
-        they are spawned, and spawned processes re-import the calling script: guard it
+        CPUs with ``num_threads=1`` the processes are forked from this one; elsewhere,
+        and with ``compile=True``, they are spawned, and spawned processes re-import the calling script: guard it
         with ``if __name__ == "__main__":``.
     hidden : sequence of int
         Hidden layer widths. A narrow last hidden layer keeps the Bayesian output layer
@@ -667,8 +667,11 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
             state["posterior_"] = Posterior(
                 state.pop("model_"), state.pop("guide_"), state.get("num_draws", 100)
             )
+        # Arguments added after 0.1 take their defaults.
         state.setdefault("nuts", None)
         state.setdefault("backbone", None)
+        state.setdefault("devices", 1)
+        state.setdefault("compile", "auto")
         super().__setstate__(state)
 
     @property

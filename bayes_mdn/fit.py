@@ -116,35 +116,47 @@ class _CompiledStep(nn.Module):
     the module eagerly instead of compiling again. Random draws inside the step (the
     ELBO's reparameterized samples) come from torch's own generator (Inductor's
     ``fallback_random``), so that a seeded compiled fit draws what the eager one does.
-    With ``fallback`` (``compile="auto"``), a compile that fails on the first step warns
-    and the fit goes on eagerly; with ``compile=True`` the error is raised."""
+
+    With ``fallback`` (``compile="auto"``) the first call compiles the forward and, by a
+    trial gradient that changes no parameter, the backward inside a ``try``, then puts
+    the random state back: a compile that fails warns and the fit goes on eagerly, with
+    the draws of an eager fit. With ``compile=True`` errors are raised."""
 
     def __init__(self, module: nn.Module, fallback: bool = False) -> None:
         super().__init__()
         self.module = module
         self.fallback = fallback
         # Not registered as a submodule: the parameters are the module's, listed once.
-        self.__dict__["compiled"] = torch.compile(
-            module, dynamic=False, options={"fallback_random": True}
-        )
+        self.__dict__["compiled"] = None if fallback else self._compile()
         self.shape: torch.Size | None = None
+
+    def _compile(self):
+        return torch.compile(self.module, dynamic=False, options={"fallback_random": True})
+
+    def _try_compile(self, x: Tensor, *args, **kwargs) -> None:
+        state = torch.random.get_rng_state()
+        try:
+            compiled = self._compile()
+            params = [p for p in self.module.parameters() if p.requires_grad]
+            out = compiled(x, *args, **kwargs)
+            torch.autograd.grad(out.sum(), params, allow_unused=True)
+            self.__dict__["compiled"] = compiled
+        except Exception as err:  # any compiler failure; real errors recur eagerly
+            warnings.warn(
+                f"compiling the training step failed ({type(err).__name__}: "
+                f"{str(err)[:200]}); fitting eagerly instead (compile=False skips the "
+                "attempt)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        finally:
+            torch.random.set_rng_state(state)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if self.shape is None:
             self.shape = x.shape
             if self.fallback:
-                try:
-                    return self.__dict__["compiled"](x, *args, **kwargs)
-                except Exception as err:  # any compiler failure; real errors recur eagerly
-                    warnings.warn(
-                        f"compiling the training step failed ({type(err).__name__}: "
-                        f"{str(err)[:200]}); fitting eagerly instead (compile=False "
-                        "skips the attempt)",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
-                    self.__dict__["compiled"] = None
-                    return self.module(x, *args, **kwargs)
+                self._try_compile(x, *args, **kwargs)
         compiled = self.__dict__["compiled"]
         step = compiled if compiled is not None and x.shape == self.shape else self.module
         return step(x, *args, **kwargs)
@@ -220,8 +232,9 @@ def fit_svi(
     checkpoint_every : epochs between checkpoints
     resume : continue from ``checkpoint`` when that file exists (else start afresh). The
         resumed fit ends at the same parameters as an uninterrupted one (bit-identical on
-        the CPU). The checkpoint must come from the same loop settings (``progress``
-        aside), the same ``identity``, a model and guide of the same parameter names,
+        the CPU when both run compiled or both eager; equal up to float rounding when
+        ``compile`` resolves differently). The checkpoint must come from the same loop
+        settings (``progress`` and ``compile`` aside), the same ``identity``, a model and guide of the same parameter names,
         shapes and dtypes and with the same constants (buffers such as the prior scales
         and the standardization), and the same data; else ``ValueError`` names each
         setting that differs, with the checkpoint's value and the new one.

@@ -10,7 +10,7 @@ import torch
 from pyro.infer import Trace_ELBO
 
 from bayes_mdn import BayesianMDN, make_inverse_sine
-from bayes_mdn.config import COMPILE_STEPS, FitConfig
+from bayes_mdn.config import COMPILE_STEPS, FitConfig, cxx_available
 from bayes_mdn.fit import fit_svi
 from bayes_mdn.guides import make_guide
 from tests.helpers import float64_problem
@@ -156,13 +156,18 @@ def test_compile_setting_is_checked_and_resolved(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+    not cxx_available(),
     reason="torch.compile on the CPU needs a C++ compiler",
 )
-@pytest.mark.parametrize("n_members", [1, 2])
-def test_compiled_step_gives_the_eager_numbers(n_members):
-    # A whole fit with the compiled step (single member: fit_svi; two: the stacked loop,
-    # with a short last batch that recompiles) follows the eager fit step for step.
+@pytest.mark.parametrize(("n_members", "compile"), [(1, True), (2, True), (1, "auto")])
+def test_compiled_step_gives_the_eager_numbers(n_members, compile, monkeypatch):
+    # A whole fit with the compiled step (one member: fit_svi; two: the stacked loop,
+    # whose short last batch runs eagerly; "auto": after its trial compile, which puts
+    # the random state back) follows the eager fit step for step.
+    from torch._dynamo.utils import counters
+
+    import bayes_mdn.config as config_module
+
     X, y = make_inverse_sine(200, seed=1)
     options = dict(
         n_members=n_members,
@@ -173,9 +178,32 @@ def test_compiled_step_gives_the_eager_numbers(n_members):
         dtype="float64",
         progress=False,
         seed=3,
+        device="cpu",
     )
     eager = BayesianMDN(compile=False, **options).fit(X, y)
-    compiled = BayesianMDN(compile=True, **options).fit(X, y)
+    monkeypatch.setattr(config_module, "COMPILE_STEPS", 1)
+    calls = []
+    real_compile = torch.compile
+
+    def counted(module, **kwargs):
+        compiled = real_compile(module, **kwargs)
+
+        def call(*args, **kw):
+            calls.append(args[0].shape)
+            return compiled(*args, **kw)
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", counted)
+    # Forget graphs compiled by earlier tests (a new module of the same shapes reuses
+    # them), so that the counters below see this fit's compilation.
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = BayesianMDN(compile=compile, **options).fit(X, y)
+    # 180 training rows: two full batches of 64 an epoch go through the compiled step
+    # (plus "auto"'s trial call), and Dynamo captured graphs of it.
+    assert len(calls) == 3 * 2 + (compile == "auto")
+    assert counters["stats"]["unique_graphs"] >= 1
     for a, b in zip(eager.histories_, compiled.histories_):
         np.testing.assert_allclose(a.train_loss, b.train_loss, rtol=1e-9)
         np.testing.assert_allclose(a.val_nll, b.val_nll, rtol=1e-9)
@@ -194,7 +222,9 @@ def test_a_failed_automatic_compile_falls_back_to_the_eager_step(monkeypatch):
         return call
 
     X, y = make_inverse_sine(120, seed=2)
-    options = dict(n_members=1, hidden=(8,), n_components=2, epochs=2, progress=False)
+    options = dict(
+        n_members=1, hidden=(8,), n_components=2, epochs=2, progress=False, device="cpu"
+    )
     eager = BayesianMDN(compile=False, **options).fit(X, y)
     monkeypatch.setattr(torch, "compile", broken_compile)
     monkeypatch.setattr(config_module, "COMPILE_STEPS", 1)

@@ -197,16 +197,19 @@ def test_fit_nuts_refuses_fewer_than_four_draws_before_sampling(fitted):
 
 
 def test_an_estimator_pickled_by_0_1_unpickles_fitted(fitted):
-    """0.1 pickled model_ and guide_ as attributes and had no nuts or backbone."""
+    """0.1 pickled model_ and guide_ as attributes and had no nuts, backbone, devices or
+    compile."""
     mdn, X, _ = fitted
     state = dict(mdn.__getstate__())
     post = state.pop("posterior_")
     state.update(model_=post.model, guide_=post.guide)
-    del state["nuts"], state["backbone"]
+    del state["nuts"], state["backbone"], state["devices"], state["compile"]
     old = BayesianMDN.__new__(BayesianMDN)
     old.__setstate__(state)
     np.testing.assert_array_equal(old.predict(X[:5]), mdn.predict(X[:5]))
-    assert old.get_params()["nuts"] is None
+    params = old.get_params()
+    assert params["nuts"] is None and params["devices"] == 1 and params["compile"] == "auto"
+    assert repr(old).startswith("BayesianMDN(")
 
 
 def test_diagnostics_take_any_object_with_a_model_and_a_guide(fitted):

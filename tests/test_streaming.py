@@ -1,7 +1,5 @@
 """Streamed data (Parquet, DataLoader) and data-parallel fits on several processes."""
 
-import shutil
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,6 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from bayes_mdn import BayesianMDN, LoaderSource, ParquetSource, streaming
+from bayes_mdn.config import cxx_available
 from bayes_mdn.datasets import make_inverse_sine
 from bayes_mdn.sources import ArraySource, RunningMoments
 from bayes_mdn.streaming import scan
@@ -340,12 +339,14 @@ def test_two_gpus_give_the_parameters_of_one(rows, parquet_file):
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+    not cxx_available(),
     reason="torch.compile on the CPU needs a C++ compiler",
 )
-def test_a_compiled_streamed_fit_gives_the_eager_numbers(rows):
+@pytest.mark.parametrize("devices", [1, 2])
+def test_a_compiled_streamed_fit_gives_the_eager_numbers(rows, devices):
+    # With two processes the compiled module runs inside DDP, in spawned workers.
     X, y = rows
     source = ArraySource(X, y[:, None], y_1d=True)
-    eager = BayesianMDN(compile=False, **SMALL).fit(source)
-    compiled = BayesianMDN(compile=True, **SMALL).fit(source)
+    eager = BayesianMDN(compile=False, devices=devices, **SMALL).fit(source)
+    compiled = BayesianMDN(compile=True, devices=devices, **SMALL).fit(source)
     assert _max_diff(_params(eager), _params(compiled)) < 1e-9
