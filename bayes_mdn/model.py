@@ -295,22 +295,31 @@ class MixtureDensityModel(nn.Module):
         version counters unchanged), so that a step pays for none of these scalar ops.
         """
         buffers = [getattr(self, self._prior_names[name]) for name in self.latent_shapes]
+        if torch.compiler.is_compiling():
+            # Traced into a compiled step as plain ops (the cache's version checks would
+            # break its graph); the compiled graph computes them once a step.
+            return self._compute_prior_constants(buffers)
         # The key holds the buffers themselves, so a freed buffer's id is never reused.
         key = getattr(self, "_prior_cache_key", None)
         if key is None or not all(
             a is b and version == b._version for (a, version), b in zip(key, buffers)
         ):
             key = [(b, b._version) for b in buffers]
-            with torch.no_grad():
-                coefs, consts = {}, {}
-                for name, scale in zip(self.latent_shapes, buffers):
-                    coefs[name] = -0.5 / scale.pow(2)
-                    numel = math.prod(self.latent_shapes[name])
-                    consts[name] = -numel * (scale.log() + 0.5 * math.log(2 * math.pi))
-                const_all = sum(consts.values(), self.prior_scale.new_zeros(()))
-            self._prior_cache = (coefs, consts, const_all)
+            self._prior_cache = self._compute_prior_constants(buffers)
             self._prior_cache_key = key
         return self._prior_cache
+
+    def _compute_prior_constants(
+        self, buffers: list[Tensor]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+        with torch.no_grad():
+            coefs, consts = {}, {}
+            for name, scale in zip(self.latent_shapes, buffers):
+                coefs[name] = -0.5 / scale.pow(2)
+                numel = math.prod(self.latent_shapes[name])
+                consts[name] = -numel * (scale.log() + 0.5 * math.log(2 * math.pi))
+            const_all = sum(consts.values(), self.prior_scale.new_zeros(()))
+        return coefs, consts, const_all
 
     def forward(
         self,
