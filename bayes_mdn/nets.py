@@ -417,8 +417,15 @@ class MixtureDensityNetwork(nn.Module):
         batch = out.shape[:-1]
         logits, loc, raw_scale, raw_tril = out.split((k, k * d, k * d, k * n_tril), dim=-1)
         loc = loc.reshape(*batch, k, d)
+        raw_scale = raw_scale.reshape(*batch, k, d)
+        if raw_scale.stride(-1) == 1:
+            # On raw()'s (..., rows, outputs) layout the scale block is a strided view
+            # (K*d of every row's outputs), on which softplus takes a slow path: 15
+            # times slower than a copy and a softplus of the copy (docs/notes.md). On
+            # head_by_rows' layout the rows are contiguous and nothing is copied.
+            raw_scale = raw_scale.contiguous()
         # In place: softplus saves its input, not its output, for the gradient.
-        diag = F.softplus(raw_scale.reshape(*batch, k, d)).add_(self.min_scale)
+        diag = F.softplus(raw_scale).add_(self.min_scale)
         if self.covariance == "diagonal":
             return MixtureParams(logits, loc, diag)
         tril = torch.zeros(*batch, k, d, d, dtype=out.dtype, device=out.device)

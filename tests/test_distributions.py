@@ -158,6 +158,61 @@ def test_strided_views_give_the_same_numbers():
     torch.testing.assert_close(a, dense.sample((2,)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_log_prob_with_far_components_matches_torch(dtype):
+    """Components hundreds of standard deviations from y: the log-sum-exp floors their
+    exponentials (a CPU slow path), which must not show in values or gradients."""
+    g = torch.Generator().manual_seed(5)
+    n, k = 64, 6
+    logits = torch.randn(n, k, generator=g, dtype=dtype).requires_grad_()
+    spread = 200.0 if dtype == torch.float64 else 10.0
+    loc = (torch.randn(n, k, 1, generator=g, dtype=dtype) * spread).requires_grad_()
+    scale = (0.2 + torch.rand(n, k, 1, generator=g, dtype=dtype)).requires_grad_()
+    y = torch.randn(n, 1, generator=g, dtype=dtype)
+    ours = GaussianMixture(logits, loc, scale).log_prob(y)
+    theirs = MixtureSameFamily(
+        Categorical(logits=logits), Independent(Normal(loc, scale), 1)
+    ).log_prob(y)
+    # The arguments really reach the floor: some component is below exp(-80) of the best.
+    log_comp = Independent(Normal(loc, scale), 1).log_prob(y.unsqueeze(-2))
+    gap = log_comp.amax(-1, keepdim=True) - log_comp
+    assert (gap > (800 if dtype == torch.float64 else 100)).any()
+    torch.testing.assert_close(ours, theirs)
+    for a, b in zip(
+        torch.autograd.grad(ours.sum(), [logits, loc, scale]),
+        torch.autograd.grad(theirs.sum(), [logits, loc, scale]),
+    ):
+        # float32: log densities of -1e3 and below carry rounding errors of 1e-4 that
+        # the two formulas turn into different gradient roundings.
+        tol = {} if dtype == torch.float64 else {"rtol": 1e-3, "atol": 1e-4}
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_log_sum_exp_keeps_non_finite_rows():
+    from bayes_mdn.distributions import _logsumexp
+
+    t = torch.randn(5, 4, dtype=torch.float64) * 300
+    t[0] = -math.inf
+    t[1, 2] = math.inf
+    t[2, 1] = math.nan
+    t[3, :3] = -math.inf
+    torch.testing.assert_close(_logsumexp(t), torch.logsumexp(t, -1), equal_nan=True)
+
+
+def test_the_scales_of_both_network_layouts_agree():
+    """split() copies the strided scale block of raw()'s layout before the softplus
+    (a slow path on the view) and leaves head_by_rows' layout alone."""
+    from bayes_mdn.nets import MixtureDensityNetwork
+
+    torch.manual_seed(0)
+    net = MixtureDensityNetwork(2, 2, n_components=3, hidden=(8,)).double()
+    x = torch.randn(10, 2, dtype=torch.float64)
+    by_rows = net.split(next(net.head_by_rows(x))[1].mT)
+    plain = net.split(net.raw(x))
+    torch.testing.assert_close(by_rows.scale[0], plain.scale)
+    torch.testing.assert_close(by_rows.loc[0], plain.loc)
+
+
 @pytest.mark.parametrize("full", [False, True])
 @pytest.mark.parametrize("k", [1, 3])
 def test_sample_matches_torch_mixture_in_distribution(full, k):
