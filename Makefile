@@ -64,7 +64,7 @@ benchmark: setup
 # Full real-data suite (issue #12): every model, every split; writes docs/real_data.{md,json,png}.
 # Cached per-split results in benchmarks/real_data_cache.json are reused where still valid.
 benchmark-real: $(VENV)/.installed-benchmark
-	$(PY) -m benchmarks.real_data --splits 5 --out docs
+	$(PY) -m benchmarks.real_data --out docs
 
 # Streamed fits from Parquet, 10^5 to 10^7 rows (files generated, not kept), 1 and 2 processes.
 benchmark-streaming: setup
