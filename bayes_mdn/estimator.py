@@ -88,8 +88,8 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         process takes an equal slice of every mini-batch and the objective is the
         one-process objective of that mini-batch. Needs the ``scale`` extra. On Linux
         CPUs with ``num_threads=1`` the processes are forked from this one; elsewhere,
-        and with ``compile=True``, they are spawned, and spawned processes re-import the calling script: guard it
-        with ``if __name__ == "__main__":``.
+        and with ``compile=True``, they are spawned, and spawned processes re-import the
+        calling script: guard it with ``if __name__ == "__main__":``.
     hidden : sequence of int
         Hidden layer widths. A narrow last hidden layer keeps the Bayesian output layer
         small, which mean-field posteriors handle better.

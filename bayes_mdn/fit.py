@@ -105,7 +105,9 @@ def _step_module(
     if not config.compiles(device, planned, stacked):
         return module
     auto = config.compile == "auto"
-    if auto and not (stacked or isinstance(module, (MapLoss, MeanFieldLoss))):
+    # "auto" never compiles a stacked step (FitConfig.compiles), so here module is one
+    # network's loss.
+    if auto and not isinstance(module, (MapLoss, MeanFieldLoss)):
         return module
     return _CompiledStep(module, fallback=auto)
 
@@ -234,10 +236,11 @@ def fit_svi(
         resumed fit ends at the same parameters as an uninterrupted one (bit-identical on
         the CPU when both run compiled or both eager; equal up to float rounding when
         ``compile`` resolves differently). The checkpoint must come from the same loop
-        settings (``progress`` and ``compile`` aside), the same ``identity``, a model and guide of the same parameter names,
-        shapes and dtypes and with the same constants (buffers such as the prior scales
-        and the standardization), and the same data; else ``ValueError`` names each
-        setting that differs, with the checkpoint's value and the new one.
+        settings (``progress`` and ``compile`` aside), the same ``identity``, a model and
+        guide of the same parameter names, shapes and dtypes and with the same constants
+        (buffers such as the prior scales and the standardization), and the same data;
+        else ``ValueError`` names each setting that differs, with the checkpoint's value
+        and the new one.
     identity : the settings that shape the model and guide but that the loop cannot see
         (activation, min_scale, init_scale, ...: :class:`~bayes_mdn.BayesianMDN` passes
         its constructor arguments, see :func:`~bayes_mdn.checkpoint.checkpoint_identity`).
