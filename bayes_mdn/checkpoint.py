@@ -14,12 +14,16 @@ import hashlib
 import math
 import os
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from ._archive import ModelFileError, TensorSpec, read_archive, write_archive
 from .config import FitConfig, FitHistory
+
+if TYPE_CHECKING:
+    from .fit import ParameterAverage
 
 __all__ = ["CHECKPOINT_VERSION", "check_checkpoint_args", "checkpoint_identity"]
 
@@ -139,6 +143,7 @@ def _write_checkpoint(
     best_score: float,
     stale: int,
     device: torch.device,
+    average: ParameterAverage | None = None,
 ) -> None:
     _write_loop_state(
         path,
@@ -153,6 +158,7 @@ def _write_checkpoint(
             "best_state": dict(best_state),
             "best_score": best_score,
             "stale": stale,
+            "average": None if average is None else average.state_dict(),
         },
     )
 

@@ -135,11 +135,13 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
     rank : int or None
         Rank of the ``"lowrank"`` guide; None picks sqrt(number of latent weights).
     epochs, batch_size, lr, lr_schedule, clip_norm, num_particles, val_fraction,
-    patience, val_draws, input_noise :
+    patience, val_draws, ema_decay, input_noise :
         The SVI loop of each member, see :class:`bayes_mdn.fit.FitConfig`. By default the
         budget is counted in optimizer steps (``epochs="auto"``) and each member holds out
         ``val_fraction`` of the rows and stops when their log predictive density has not
-        improved for ``patience="auto"`` steps, keeping its best state.
+        improved for ``patience="auto"`` steps, keeping its best state. What is validated
+        and kept is an exponential moving average of the parameters over about the last
+        100 steps (``ema_decay=0.99``), not the last step's.
     jit : bool
         Deprecated and does nothing (removed in 0.3); ``True`` warns. See
         :class:`~bayes_mdn.config.FitConfig`.
@@ -266,6 +268,7 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         val_fraction: float = 0.1,
         patience: int | Literal["auto"] | None = "auto",
         val_draws: int = 16,
+        ema_decay: float | None = 0.99,
         input_noise: float = 0.05,
         jit: bool = False,
         num_draws: int = 100,
@@ -309,6 +312,7 @@ class BayesianMDN(RegressorMixin, BaseEstimator):
         self.val_fraction = val_fraction
         self.patience = patience
         self.val_draws = val_draws
+        self.ema_decay = ema_decay
         self.input_noise = input_noise
         self.jit = jit
         self.num_draws = num_draws

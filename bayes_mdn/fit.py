@@ -59,6 +59,7 @@ __all__ = [
     "MapLoss",
     "MeanFieldLoss",
     "NUTSConfig",
+    "ParameterAverage",
     "check_checkpoint_args",
     "checkpoint_identity",
     "fit_nuts",
@@ -178,6 +179,71 @@ def _make_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
+class ParameterAverage:
+    """Exponential moving average of a module's trainable parameters (Polyak averaging),
+    for ``FitConfig.ema_decay``; with ``decay`` None it does nothing.
+
+    :meth:`update` after each optimizer step; :meth:`applied` puts the average into the
+    module's parameters for a ``with`` block (validation, keeping a best state) and the
+    live ones back after it. The weight of update t is 1 - min(decay, (1 + t) / (10 + t)),
+    so early averages are not anchored at the initialization.
+    """
+
+    def __init__(self, module: nn.Module, decay: float | None) -> None:
+        self.decay = decay
+        named = [(k, p) for k, p in module.named_parameters() if p.requires_grad]
+        self.names = [k for k, _ in named]
+        self.params = [p for _, p in named]
+        self.updates = 0
+        self.average = [p.detach().clone() for p in self.params] if decay else []
+
+    @torch.no_grad()
+    def update(self) -> None:
+        if not self.decay:
+            return
+        self.updates += 1
+        weight = 1.0 - min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for avg, p in zip(self.average, self.params):
+            avg.lerp_(p, weight)
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        if not self.decay:
+            yield
+            return
+        with torch.no_grad():
+            live = [p.detach().clone() for p in self.params]
+            for p, avg in zip(self.params, self.average):
+                p.copy_(avg)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, value in zip(self.params, live):
+                    p.copy_(value)
+
+    def state_dict(self) -> dict:
+        return {"updates": self.updates, "average": dict(zip(self.names, self.average))}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, object] | None) -> None:
+        """Put back a :meth:`state_dict`; None (a checkpoint written without an average)
+        restarts the average from the current parameters."""
+        if not self.decay:
+            return
+        if state is None:
+            self.updates = 0
+            for avg, p in zip(self.average, self.params):
+                avg.copy_(p)
+            return
+        saved = state["average"]
+        if not isinstance(saved, Mapping) or sorted(saved) != sorted(self.names):
+            raise ValueError("the checkpoint's parameter average does not match the model")
+        self.updates = int(state["updates"])  # type: ignore[call-overload]
+        for name, avg in zip(self.names, self.average):
+            avg.copy_(saved[name])
+
+
 @torch.no_grad()
 def validation_nll(
     model: MixtureDensityModel, guide: nn.Module, x: Tensor, y: Tensor, num_draws: int
@@ -293,6 +359,7 @@ def fit_svi(
         # dict every epoch cost about 6% of a small fit's time).
         live_state = loss_fn.state_dict()
         best_state = {k: v.clone() for k, v in live_state.items()}
+        average = ParameterAverage(loss_fn, config.ema_decay)
         stale = 0
         first_epoch = 0
         if resume and os.path.exists(checkpoint):  # type: ignore[arg-type]
@@ -306,6 +373,7 @@ def fit_svi(
             first_epoch, best_score, stale, best_state, history = _restore_loop(
                 saved, loss_fn, optimizer, scheduler, device
             )
+            average.load_state_dict(saved.get("average"))
             if history.stopped_early:
                 first_epoch = epochs
         elapsed = history.seconds
@@ -328,6 +396,7 @@ def fit_svi(
                 if config.clip_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
                 optimizer.step()
+                average.update()
                 if scheduled:
                     scheduler.step()
                 losses[step] = loss.detach()
@@ -353,18 +422,21 @@ def fit_svi(
             history.train_loss.append(epoch_loss)
             last = epoch + 1 == epochs
             if not len(val_idx):
-                # Without a validation split the last finite state is the one kept.
-                _copy_state(live_state, best_state)
+                # Without a validation split the last (average) state is the one kept.
+                with average.applied():
+                    _copy_state(live_state, best_state)
                 history.best_epoch = epoch
                 bar.set_postfix(loss=f"{epoch_loss:.4f}", refresh=False)
             elif (epoch + 1) % eval_every == 0 or last:
-                with seeded(0 if config.seed is None else config.seed + 1, device):
-                    score = validation_nll(model, guide, x_val, y_val, config.val_draws)
+                with average.applied():
+                    with seeded(0 if config.seed is None else config.seed + 1, device):
+                        score = validation_nll(model, guide, x_val, y_val, config.val_draws)
+                    if score < best_score:
+                        _copy_state(live_state, best_state)
                 history.val_nll.append(score)
                 history.val_epochs.append(epoch)
                 if score < best_score:
                     best_score, history.best_epoch, stale = score, epoch, 0
-                    _copy_state(live_state, best_state)
                 else:
                     # stale counts epochs since the best validation score.
                     stale = epoch - history.best_epoch
@@ -389,6 +461,7 @@ def fit_svi(
                     best_score,
                     stale,
                     device,
+                    average,
                 )
             if history.stopped_early:
                 break

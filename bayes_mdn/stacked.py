@@ -17,6 +17,7 @@ Other guides are fitted member by member with :func:`~bayes_mdn.fit.fit_svi`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -36,7 +37,15 @@ from .checkpoint import (
     check_checkpoint_args,
 )
 from .config import FitConfig, FitHistory
-from .fit import _adam, _cpu_threads, _make_scheduler, _progress, _step_module, split_indices
+from .fit import (
+    ParameterAverage,
+    _adam,
+    _cpu_threads,
+    _make_scheduler,
+    _progress,
+    _step_module,
+    split_indices,
+)
 from .losses import _FUSED_GUIDES, MapLoss, MeanFieldLoss, make_loss
 from .model import MixtureDensityModel
 
@@ -314,14 +323,13 @@ def fit_stacked(
         # numbers across checks, as fit_svi's seeded validation draws are).
         val_eps = _validation_normals(stack, config, seeds, device) if has_val else None
         first_epoch = 0
+        average = ParameterAverage(stack, config.ema_decay)
         if resume and os.path.exists(checkpoint):  # type: ignore[arg-type]
+            saved = _read_checkpoint(checkpoint, config, settings, data, stack)  # type: ignore[arg-type]
             first_epoch, best_score, stale, active, best_state, histories = _restore(
-                _read_checkpoint(checkpoint, config, settings, data, stack),  # type: ignore[arg-type]
-                stack,
-                optimizer,
-                scheduler,
-                device,
+                saved, stack, optimizer, scheduler, device
             )
+            average.load_state_dict(saved.get("average"))
             if not any(active):
                 first_epoch = epochs
         elapsed = histories[0].seconds
@@ -352,6 +360,7 @@ def fit_stacked(
                 if max_grad_norm is not None:
                     _per_member_grad_clip(params, max_grad_norm)
                 optimizer.step()
+                average.update()
                 if scheduled:
                     scheduler.step()
                 if live is None:
@@ -374,21 +383,23 @@ def fit_stacked(
                 )
             last = epoch + 1 == epochs
             check = has_val and ((epoch + 1) % eval_every == 0 or last)
-            scores = _validation_scores(stack, x, y, val_idx, val_eps) if check else None
-            _record_round(
-                histories,
-                [m for m in range(n_members) if active[m]],
-                epoch,
-                steps_per_epoch,
-                mean_loss,
-                scores,
-                has_val=has_val,
-                stale_unit=1,
-                patience=patience,
-                last=last,
-                tracking=(best_score, stale, active),
-                states=(best_state, live_state),
-            )
+            # Validation scores, and a best state keeps, the parameter average.
+            with average.applied() if check or not has_val else contextlib.nullcontext():
+                scores = _validation_scores(stack, x, y, val_idx, val_eps) if check else None
+                _record_round(
+                    histories,
+                    [m for m in range(n_members) if active[m]],
+                    epoch,
+                    steps_per_epoch,
+                    mean_loss,
+                    scores,
+                    has_val=has_val,
+                    stale_unit=1,
+                    patience=patience,
+                    last=last,
+                    tracking=(best_score, stale, active),
+                    states=(best_state, live_state),
+                )
             # Members that stopped before this epoch have no loss in it (NaN).
             live_losses = [v for v in mean_loss if math.isfinite(v)]
             bar.set_postfix(
@@ -415,6 +426,7 @@ def fit_stacked(
                     stale,
                     active,
                     device,
+                    average,
                 )
             if done:
                 break
@@ -534,6 +546,7 @@ def _write(
     stale: list[int],
     active: list[bool],
     device: torch.device,
+    average: ParameterAverage,
 ) -> None:
     _write_loop_state(
         path,
@@ -549,6 +562,7 @@ def _write(
             "stale": list(stale),
             "active": list(active),
             "best_state": dict(best_state),
+            "average": average.state_dict() if average.decay else None,
         },
     )
 

@@ -57,7 +57,14 @@ from ._utils import pyro_scope, resolve_device, seeded
 from ._validation import check_count
 from .checkpoint import _plain, _read_checkpoint, check_checkpoint_args
 from .config import AUTO_PATIENCE_STEPS, AUTO_STEPS, FitConfig, FitHistory
-from .fit import _adam, _cpu_threads, _make_scheduler, _progress, _step_module
+from .fit import (
+    ParameterAverage,
+    _adam,
+    _cpu_threads,
+    _make_scheduler,
+    _progress,
+    _step_module,
+)
 from .losses import make_loss
 from .model import MixtureDensityModel
 from .sources import RunningMoments, Source
@@ -407,14 +414,13 @@ def _run(fabric: Any, job: StreamJob) -> dict[str, Any]:
         stale = [0] * n_members
         active = [True] * n_members
         first_round = 0
+        average = ParameterAverage(stack, config.ema_decay)
         if job.resume and checkpoint is not None and os.path.exists(checkpoint):
+            saved = _read_checkpoint(checkpoint, config, settings, data, stack)
             first_round, best_score, stale, active, best_state, histories = _restore(
-                _read_checkpoint(checkpoint, config, settings, data, stack),
-                stack,
-                optimizer,
-                scheduler,
-                device,
+                saved, stack, optimizer, scheduler, device
             )
+            average.load_state_dict(saved.get("average"))
             if not any(active):
                 first_round = rounds
         elapsed = histories[0].seconds
@@ -456,6 +462,7 @@ def _run(fabric: Any, job: StreamJob) -> dict[str, Any]:
                 if max_grad_norm is not None:
                     _per_member_grad_clip(params, max_grad_norm)
                 optimizer.step()
+                average.update()
                 if scheduled:
                     scheduler.step()
                 round_losses += member_loss.detach()
@@ -473,23 +480,27 @@ def _run(fabric: Any, job: StreamJob) -> dict[str, Any]:
                     "min_scale too small for the data"
                 )
             last = r + 1 == rounds
-            scores = (
-                _val_scores(stack, x_val, y_val, val_eps, plan.n_val, reduce) if has_val else None
-            )
-            _record_round(
-                histories,
-                live_ids,
-                r,
-                n_steps,
-                mean_loss,
-                scores,
-                has_val=has_val,
-                stale_unit=round_steps,
-                patience=patience,
-                last=last,
-                tracking=(best_score, stale, active),
-                states=(best_state, live_state),
-            )
+            # Validation scores, and a best state keeps, the parameter average.
+            with average.applied():
+                scores = (
+                    _val_scores(stack, x_val, y_val, val_eps, plan.n_val, reduce)
+                    if has_val
+                    else None
+                )
+                _record_round(
+                    histories,
+                    live_ids,
+                    r,
+                    n_steps,
+                    mean_loss,
+                    scores,
+                    has_val=has_val,
+                    stale_unit=round_steps,
+                    patience=patience,
+                    last=last,
+                    tracking=(best_score, stale, active),
+                    states=(best_state, live_state),
+                )
             if rank == 0:
                 shown = [v for v in mean_loss if math.isfinite(v)]
                 bar.set_postfix(  # type: ignore[union-attr]
@@ -517,6 +528,7 @@ def _run(fabric: Any, job: StreamJob) -> dict[str, Any]:
                         stale,
                         active,
                         device,
+                        average,
                     )
                 if fabric is not None:
                     fabric.barrier()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bayes_mdn.config import EVAL_STEPS, FitConfig
-from bayes_mdn.fit import fit_svi, split_indices
+from bayes_mdn.fit import ParameterAverage, fit_svi, split_indices
 from tests.helpers import model_and_guide, small_data
 
 FAST = {"epochs": 6, "batch_size": 16, "progress": False, "device": "cpu", "val_fraction": 0.1}
@@ -98,6 +98,10 @@ def test_non_finite_loss_stops_with_a_clear_error():
         ({"val_fraction": 1.0}, "val_fraction"),
         ({"patience": 0}, "patience"),
         ({"device": "tpu"}, "device"),
+        ({"ema_decay": 1.0}, "ema_decay"),
+        ({"ema_decay": 0.0}, "ema_decay"),
+        ({"ema_decay": float("nan")}, "ema_decay"),
+        ({"ema_decay": True}, "ema_decay"),
     ],
 )
 def test_bad_config(kwargs, match):
@@ -131,3 +135,59 @@ def test_auto_schedule_counts_steps_not_epochs():
     assert FitConfig(epochs=7, patience=2).schedule(100)[1:] == (7, EVAL_STEPS, 2)
     with pytest.raises(ValueError, match="epochs"):
         FitConfig(epochs="many")
+
+
+def test_parameter_average_follows_its_recursion_and_puts_the_live_values_back():
+    module = torch.nn.Linear(1, 1, bias=False)
+    average = ParameterAverage(module, 0.9)
+    expected = module.weight.detach().clone()
+    for t in range(1, 40):
+        with torch.no_grad():
+            module.weight.fill_(float(t))
+        average.update()
+        decay = min(0.9, (1 + t) / (10 + t))
+        expected = decay * expected + (1 - decay) * float(t)
+    assert average.average[0] == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(RuntimeError, match="inside"):
+        with average.applied():
+            assert module.weight.item() == pytest.approx(expected.item(), rel=1e-6)
+            raise RuntimeError("inside")
+    assert module.weight.item() == 39.0
+    copy = ParameterAverage(module, 0.9)
+    copy.load_state_dict(average.state_dict())
+    assert copy.updates == 39 and torch.equal(copy.average[0], average.average[0])
+    copy.load_state_dict(None)  # a checkpoint written without an average
+    assert copy.updates == 0 and copy.average[0].item() == 39.0
+    off = ParameterAverage(module, None)
+    off.update()
+    with off.applied():
+        assert module.weight.item() == 39.0
+
+
+def test_a_fit_keeps_the_average_of_its_iterates():
+    """Without a held-out split the fit keeps the average of the iterates, which a
+    constant learning rate lets us rebuild from the ends of shorter fits of the same
+    seed (each a prefix of the longer one's trajectory)."""
+    x, y = small_data(40)
+    base = FAST | {"val_fraction": 0.0, "batch_size": None, "lr_schedule": "constant"}
+
+    def weights(epochs, ema_decay):
+        torch.manual_seed(7)
+        model, g = model_and_guide("none", "delta")
+        fit_svi(model, g, x, y, FitConfig(**base | {"epochs": epochs, "ema_decay": ema_decay}))
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    expected = _initial_weights()
+    for t in range(1, 9):
+        decay = min(0.5, (1 + t) / (10 + t))
+        expected = decay * expected + (1 - decay) * weights(t, None)
+    averaged = weights(8, 0.5)
+    last = weights(8, None)
+    assert torch.allclose(averaged, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(averaged, last, rtol=1e-3, atol=1e-4)
+
+
+def _initial_weights():
+    torch.manual_seed(7)
+    model, _ = model_and_guide("none", "delta")
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
