@@ -160,7 +160,10 @@ def write_markdown(
     add("")
     add(
         "Wall-clock seconds of `fit`, mean per split, one torch thread, on a shared 2-core "
-        "machine (other jobs were running: compare within a row, not across machines)."
+        "machine whose speed varies about twofold with its other jobs. Each result keeps "
+        "the seconds of the run that computed it: results taken from the cache were timed "
+        "in an earlier run, under another load, so compare seconds only between models "
+        "computed in the same run, never across machines."
     )
     add("")
     add("| data set | " + " | ".join(models) + " |")
