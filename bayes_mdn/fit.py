@@ -2,8 +2,9 @@
 
 A plain torch optimizer trains the ELBO loss module (module-local Pyro parameters, no
 global param store), on shuffled mini-batches whose likelihood the data plate scales
-to the full data set, with gradient clipping, a learning-rate schedule, and early
-stopping on the held-out log predictive density that restores the best state.
+to the full data set, with gradient clipping, a learning-rate schedule, a moving average
+of the parameters (Polyak averaging), and early stopping on the held-out log predictive
+density of that average that restores its best state.
 
 This module owns the loop (:func:`fit_svi`) and its parts that the stacked and streamed
 loops share (the validation split, optimizer, schedule, thread scope, progress bar). The
@@ -317,7 +318,8 @@ def fit_svi(
     Returns
     -------
     FitHistory. The model and guide hold the best state seen (by validation score,
-    or the last state without a validation split).
+    or the last state without a validation split); with ``config.ema_decay`` that state
+    is the parameter average (:class:`ParameterAverage`), not an iterate.
 
     Raises
     ------
