@@ -143,7 +143,7 @@ def _write_checkpoint(
     best_score: float,
     stale: int,
     device: torch.device,
-    average: ParameterAverage | None = None,
+    average: ParameterAverage,
 ) -> None:
     _write_loop_state(
         path,
@@ -158,7 +158,7 @@ def _write_checkpoint(
             "best_state": dict(best_state),
             "best_score": best_score,
             "stale": stale,
-            "average": None if average is None else average.state_dict(),
+            "average": average.state_dict(),
         },
     )
 

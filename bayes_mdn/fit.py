@@ -223,7 +223,10 @@ class ParameterAverage:
                 for p, value in zip(self.params, live):
                     p.copy_(value)
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict | None:
+        """What a checkpoint keeps: None when averaging is off."""
+        if not self.decay:
+            return None
         return {"updates": self.updates, "average": dict(zip(self.names, self.average))}
 
     @torch.no_grad()
@@ -433,11 +436,12 @@ def fit_svi(
                 with average.applied():
                     with seeded(0 if config.seed is None else config.seed + 1, device):
                         score = validation_nll(model, guide, x_val, y_val, config.val_draws)
-                    if score < best_score:
+                    improved = score < best_score
+                    if improved:
                         _copy_state(live_state, best_state)
                 history.val_nll.append(score)
                 history.val_epochs.append(epoch)
-                if score < best_score:
+                if improved:
                     best_score, history.best_epoch, stale = score, epoch, 0
                 else:
                     # stale counts epochs since the best validation score.

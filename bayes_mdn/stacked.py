@@ -562,7 +562,7 @@ def _write(
             "stale": list(stale),
             "active": list(active),
             "best_state": dict(best_state),
-            "average": average.state_dict() if average.decay else None,
+            "average": average.state_dict(),
         },
     )
 

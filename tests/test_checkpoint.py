@@ -23,6 +23,7 @@ from bayes_mdn.checkpoint import (
     checkpoint_identity,
 )
 from bayes_mdn.config import FitConfig, FitHistory
+from bayes_mdn.fit import ParameterAverage
 from bayes_mdn.losses import make_loss
 from tests.helpers import model_and_guide, small_data
 
@@ -100,7 +101,20 @@ def _written(path):
     best = {k: v.clone() for k, v in loss.state_dict().items()}
     identity = {"hidden": [8]}
     _write_checkpoint(
-        path, 1, config, identity, data, loss, optimizer, scheduler, history, best, 0.25, 0, CPU
+        path,
+        1,
+        config,
+        identity,
+        data,
+        loss,
+        optimizer,
+        scheduler,
+        history,
+        best,
+        0.25,
+        0,
+        CPU,
+        ParameterAverage(loss, config.ema_decay),
     )
     return config, identity, data, loss, optimizer, history
 
